@@ -221,9 +221,9 @@ def build_tokenizer(vocabulary: str | os.PathLike | None = None) -> Qwen2Tokeniz
 # Local checkpoints
 # ---------------------------------------------------------------------------------------------
 
-_PROCESSOR_FILES = ("preprocessor_config.json",)
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")  # either one
-_MODEL_FILES = ("config.json",)
+# Each group: at least one of its files must be there.
+_PROCESSOR_FILES = (("preprocessor_config.json", "processor_config.json"), ("tokenizer.json", "vocab.json"))
+_MODEL_FILES = (("config.json",),)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
 
 
@@ -243,16 +243,12 @@ def _resolve_checkpoint(model: str | os.PathLike | None) -> Path | None:
     return path
 
 
-def _require_files(path: Path, what: str, all_of=(), any_of=(), any_suffix=()) -> None:
-    missing = [name for name in all_of if not (path / name).is_file()]
-    if any_of and not any((path / name).is_file() for name in any_of):
-        missing.append(" or ".join(any_of))
-    if any_suffix and not any(p.name.endswith(any_suffix) for p in path.iterdir()):
-        missing.append("weights (" + ", ".join("*" + s for s in any_suffix) + ")")
+def _require_files(path: Path, what: str, groups=(), weights: bool = False) -> None:
+    missing = [" or ".join(group) for group in groups if not any((path / name).is_file() for name in group)]
+    if weights and not any(p.name.endswith(_WEIGHT_SUFFIXES) for p in path.iterdir()):
+        missing.append("weights (" + ", ".join("*" + s for s in _WEIGHT_SUFFIXES) + ")")
     if missing:
-        raise FileNotFoundError(
-            f"{str(path)!r} is not a {what} directory: missing {', '.join(missing)}"
-        )
+        raise FileNotFoundError(f"{str(path)!r} is not a {what} directory: missing {'; '.join(missing)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,7 +284,7 @@ def load_processor(
 
     checkpoint = _resolve_checkpoint(model)
     if checkpoint is not None:
-        _require_files(checkpoint, "processor", all_of=_PROCESSOR_FILES, any_of=_TOKENIZER_FILES)
+        _require_files(checkpoint, "processor", _PROCESSOR_FILES)
         processor = AutoProcessor.from_pretrained(checkpoint, local_files_only=True, **image_limits)
         if video_size:
             processor.video_processor.size = {**processor.video_processor.size, **video_size}
@@ -419,7 +415,7 @@ def load_model(
     """
     checkpoint = _resolve_checkpoint(model)
     if checkpoint is not None:
-        _require_files(checkpoint, "model", all_of=_MODEL_FILES, any_suffix=_WEIGHT_SUFFIXES)
+        _require_files(checkpoint, "model", _MODEL_FILES, weights=True)
         loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             checkpoint, local_files_only=True, dtype=dtype
         )
