@@ -1,0 +1,272 @@
+"""Verifiable rewards for the course's visual tasks (taught in notebooks/11_grpo.ipynb, also used
+by helpers.sft / notebooks/10_sft.ipynb to evaluate).
+
+The three tasks of ``helpers.data`` and the answer format the SFT data teaches:
+
+=========== ==================================================== ==========================
+task        answer the model should write                        what is scored
+=========== ==================================================== ==========================
+count       ``3``                                                exact match (0 or 1)
+attribute   ``red``                                              exact match (0 or 1)
+grounding   ``[{"bbox_2d": [x1, y1, x2, y2], "label": "..."}]``  IoU with the true box
+=========== ==================================================== ==========================
+
+Box coordinates are absolute pixels of the image *after* ``smart_resize`` (Qwen2.5-VL's
+convention; Qwen2-VL used 0–1000). A grounding answer may come inside a ```` ```json ```` fence.
+
+The parser is deliberately strict: it accepts exactly the taught format (surrounding whitespace, a
+trailing full stop for count/attribute and letter case for colours are forgiven) and returns
+``None`` for anything else, including text around the answer and several answers. "The format
+reward" is therefore simply "the parser accepted the completion": a policy cannot earn accuracy
+from a sentence that happens to contain the right number.
+
+Reward functions follow TRL's ``GRPOTrainer`` calling convention
+``reward(prompts=..., completions=..., **dataset_columns) -> list[float]`` (``task`` and
+``target`` columns), accept plain strings or conversational completions, and never raise: a
+completion they cannot read scores 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any, Sequence
+
+TASKS = ("count", "attribute", "grounding")
+
+#: Largest count the parser accepts (more digits than this is not an answer to "how many").
+MAX_COUNT_DIGITS = 4
+#: Largest coordinate (pixels) the parser accepts; Qwen2.5-VL's largest image side is far below.
+MAX_COORDINATE = 100_000
+#: IoU at or above which a box counts as "correct" for ``accuracy_reward`` (the usual detection bar).
+IOU_HIT = 0.5
+
+_COUNT = re.compile(r"[0-9]{1,%d}" % MAX_COUNT_DIGITS)
+_WORD = re.compile(r"[a-z]{1,20}")
+_FENCE = re.compile(r"```(?:json)?[ \t]*\n?(.*?)\n?[ \t]*```", re.DOTALL)
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)}")
+
+
+def _strip_full_stop(text: str) -> str:
+    text = text.strip()
+    return text[:-1].rstrip() if text.endswith(".") else text
+
+
+def _parse_box(box: Any) -> list[float] | None:
+    """Four finite numbers with 0 ≤ x1 ≤ x2, 0 ≤ y1 ≤ y2 (≤ MAX_COORDINATE), as floats; else None."""
+    if not isinstance(box, list) or len(box) != 4:
+        return None
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in box):
+        return None
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(math.isfinite(v) and 0 <= v <= MAX_COORDINATE for v in (x1, y1, x2, y2)):
+        return None
+    if x2 < x1 or y2 < y1:
+        return None
+    return [x1, y1, x2, y2]
+
+
+def _parse_grounding(text: str) -> list[float] | None:
+    body = text.strip()
+    fenced = _FENCE.fullmatch(body)
+    if fenced:
+        body = fenced.group(1).strip()
+    if not body.startswith(("[", "{")):
+        return None  # text before the JSON
+    try:
+        value = json.loads(body)  # raises on text after the JSON, too
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(value, dict):  # a bare object is forgiven: {"bbox_2d": [...]}
+        value = [value]
+    if not isinstance(value, list) or len(value) != 1 or not isinstance(value[0], dict):
+        return None  # empty, several boxes, or nested lists
+    return _parse_box(value[0].get("bbox_2d"))
+
+
+def parse_answer(task: str, text: str) -> int | str | list[float] | None:
+    """The answer in ``text`` if it is in the taught format for ``task``, else None.
+
+    count → ``int`` (digits only, at most ``MAX_COUNT_DIGITS``; no sign, no words);
+    attribute → the lower-cased colour word (one word of letters);
+    grounding → ``[x1, y1, x2, y2]`` floats (one box, ``x1 ≤ x2``, ``y1 ≤ y2``, finite, ≥ 0).
+    Raises ValueError for an unknown task and TypeError when ``text`` is not a string.
+    """
+    _check_task(task)
+    if not isinstance(text, str):
+        raise TypeError(f"text={text!r}: expected a string (the completion)")
+    if task == "count":
+        body = _strip_full_stop(text)
+        return int(body) if _COUNT.fullmatch(body) else None
+    if task == "attribute":
+        body = _strip_full_stop(text).lower()
+        return body if _WORD.fullmatch(body) else None
+    return _parse_grounding(text)
+
+
+def iou(box_a: Sequence[float], box_b: Sequence[float]) -> float:
+    """Intersection over union of two ``[x1, y1, x2, y2]`` boxes, in [0, 1].
+
+    Mirrors ``torchvision.ops.box_iou`` for valid boxes. A box with ``x2 < x1`` or ``y2 < y1`` is
+    empty (area 0), so its IoU with anything is 0; two empty boxes also give 0 (no 0/0).
+    Raises ValueError unless each box is 4 finite numbers.
+    """
+    boxes = []
+    for name, box in (("box_a", box_a), ("box_b", box_b)):
+        try:
+            values = [float(v) for v in box]
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}={box!r}: expected 4 numbers [x1, y1, x2, y2]") from None
+        if len(values) != 4 or not all(math.isfinite(v) for v in values):
+            raise ValueError(f"{name}={box!r}: expected 4 finite numbers [x1, y1, x2, y2]")
+        boxes.append(values)
+    (ax1, ay1, ax2, ay2), (bx1, by1, bx2, by2) = boxes
+    area_a = max(ax2 - ax1, 0.0) * max(ay2 - ay1, 0.0)
+    area_b = max(bx2 - bx1, 0.0) * max(by2 - by1, 0.0)
+    inter = max(min(ax2, bx2) - max(ax1, bx1), 0.0) * max(min(ay2, by2) - max(ay1, by1), 0.0)
+    union = area_a + area_b - inter
+    if area_a == 0.0 or area_b == 0.0 or union <= 0.0:
+        return 0.0
+    return min(max(inter / union, 0.0), 1.0)
+
+
+def _target_value(task: str, target: Any) -> int | str | list[float]:
+    """The ground truth as a value: accepts the value itself or the answer string of the data."""
+    if isinstance(target, str):
+        parsed = parse_answer(task, target)
+        if parsed is None:
+            raise ValueError(f"target={target!r} is not a valid {task} answer")
+        return parsed
+    if task == "count" and isinstance(target, int) and not isinstance(target, bool) and target >= 0:
+        return target
+    if task == "grounding":
+        try:
+            box = [float(v) for v in target]
+        except (TypeError, ValueError):
+            box = []
+        if len(box) == 4 and all(math.isfinite(v) for v in box):
+            return box
+    raise ValueError(f"target={target!r}: expected for task {task!r} "
+                     + {"count": "an int ≥ 0", "attribute": "a colour word",
+                        "grounding": "4 numbers [x1, y1, x2, y2]"}[task] + " or its answer string")
+
+
+def score(task: str, completion: str, target: Any) -> float:
+    """How right ``completion`` is: exact match (1.0/0.0) for count and attribute, IoU for grounding.
+
+    ``target`` is the ground truth (``Sample.target``: int, colour word, box) or its answer string.
+    A completion the parser rejects scores 0.0. Raises ValueError for an unknown task or a bad
+    target (a bug in the caller), never because of the completion.
+    """
+    _check_task(task)
+    truth = _target_value(task, target)
+    answer = parse_answer(task, completion) if isinstance(completion, str) else None
+    if answer is None:
+        return 0.0
+    if task == "grounding":
+        return iou(answer, truth)
+    if task == "attribute":
+        return float(answer == str(truth).lower())
+    return float(answer == truth)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward functions (TRL GRPOTrainer convention: one float per completion, never raising)
+# ---------------------------------------------------------------------------------------------
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion: a string, or TRL's conversational form (a list of messages whose
+    last one is the assistant's, its content a string or a list of ``{"type": "text"}`` parts).
+    Anything unreadable gives ``""``.
+    """
+    if isinstance(completion, str):
+        return completion
+    try:
+        content = completion[-1]["content"]
+        if isinstance(content, str):
+            return content
+        return "".join(part["text"] for part in content if part.get("type") == "text")
+    except Exception:  # noqa: BLE001 - a reward never raises
+        return ""
+
+
+def _per_completion(fn, completions, task, target) -> list[float]:
+    """``fn(task[i], text_i, target[i])`` for each completion, 0.0 wherever anything goes wrong."""
+    count = len(completions) if isinstance(completions, (list, tuple)) else 0
+    rewards = []
+    for i in range(count):
+        try:
+            value = float(fn(task[i] if task is not None else None, completion_text(completions[i]),
+                             target[i] if target is not None else None))
+            rewards.append(value if math.isfinite(value) else 0.0)
+        except Exception:  # noqa: BLE001 - a reward never raises: unreadable → 0
+            rewards.append(0.0)
+    return rewards
+
+
+def accuracy_reward(completions, task, target, **kwargs) -> list[float]:
+    """1.0 when the answer is right, else 0.0: exact match for count and attribute, and for
+    grounding a box with IoU ≥ ``IOU_HIT`` (0.5). Range {0, 1}."""
+    def hit(t, text, y):
+        value = score(t, text, y)
+        return float(value >= IOU_HIT) if t == "grounding" else value
+    return _per_completion(hit, completions, task, target)
+
+
+def iou_reward(completions, task, target, **kwargs) -> list[float]:
+    """IoU of the predicted box with the true one on grounding rows, 0.0 on other tasks' rows.
+    Range [0, 1]."""
+    return _per_completion(lambda t, text, y: score(t, text, y) if t == "grounding" else 0.0,
+                           completions, task, target)
+
+
+def task_reward(completions, task, target, **kwargs) -> list[float]:
+    """The graded score GRPO trains on: ``score`` (exact match for count/attribute, IoU for
+    grounding). Range [0, 1]."""
+    return _per_completion(score, completions, task, target)
+
+
+def format_reward(completions, task, target=None, **kwargs) -> list[float]:
+    """1.0 when the parser accepts the completion as an answer to its task, else 0.0. Range {0, 1}."""
+    return _per_completion(lambda t, text, y: float(parse_answer(t, text) is not None),
+                           completions, task, target)
+
+
+_R1_FORMAT = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
+
+
+def think_format_reward(completions, task=None, target=None, **kwargs) -> list[float]:
+    """1.0 for R1-style ``<think>…</think><answer>…</answer>``, else 0.0. Range {0, 1}.
+
+    Our SFT data never shows these tags, so after SFT this reward is 0 on every completion
+    (QUESTIONS.md trap #16) — notebook 11 uses it to reproduce the trap.
+    """
+    return _per_completion(lambda t, text, y: float(_R1_FORMAT.fullmatch(text) is not None),
+                           completions, task, target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Coordinate systems (QUESTIONS.md trap #17)
+# ---------------------------------------------------------------------------------------------
+
+
+def rescale_box(box: Sequence[float], from_size: tuple[int, int], to_size: tuple[int, int]) -> list[float]:
+    """Map ``[x1, y1, x2, y2]`` from an image of ``from_size`` (width, height) to ``to_size``.
+
+    For example original pixels → resized pixels (``to_size`` from ``smart_resize``), or Qwen2-VL's
+    0–1000 grid (``from_size=(1000, 1000)``) → resized pixels. Raises ValueError on a bad size.
+    """
+    for name, size in (("from_size", from_size), ("to_size", to_size)):
+        if len(size) != 2 or not all(isinstance(v, (int, float)) and v > 0 for v in size):
+            raise ValueError(f"{name}={size!r}: expected (width, height), both > 0")
+    if len(box) != 4:
+        raise ValueError(f"box={box!r}: expected 4 numbers [x1, y1, x2, y2]")
+    sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return [x1 * sx, y1 * sy, x2 * sx, y2 * sy]
