@@ -6,7 +6,6 @@ import os
 os.environ["QWENVL_BLOCK_NETWORK"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.setdefault("MPLBACKEND", "Agg")
 
 from helpers.netguard import block_network  # noqa: E402
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 
 import matplotlib
+import matplotlib.patches
 
 import matplotlib.pyplot as plt
 
@@ -41,8 +42,19 @@ STYLE = {
 
 
 def use_course_style() -> None:
-    """Apply the course style to matplotlib (notebooks call it once, in their first cell)."""
+    """Apply the course style to matplotlib (notebooks call it once, in their first cell).
+
+    In a notebook it also turns on inline figures, so a returned ``Figure`` shows as a picture.
+    """
     matplotlib.rcParams.update(STYLE)
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None and hasattr(shell, "kernel"):
+        shell.run_line_magic("matplotlib", "inline")
+        matplotlib.rcParams.update(STYLE)  # %matplotlib inline resets a few rc values
 
 
 def new_figure(ncols: int = 1, nrows: int = 1, width: float = 6.4, height: float = 3.6, **kwargs):
@@ -65,3 +77,24 @@ def figure_to_png(figure) -> bytes:
 def close(figure) -> None:
     """Release a pyplot figure (``new_figure`` figures need nothing)."""
     plt.close(figure)
+
+
+def stage_diagram(stages: list[tuple[str, list[str]]], width: float = 11.0, height: float = 2.6):
+    """Boxes joined by arrows, one per stage: ``[(title, [line, …]), …]`` (00_quickstart's map of
+    the pipeline, with the real shapes written in the boxes)."""
+    figure, axes = new_figure(width=width, height=height)
+    axes.set_axis_off()
+    axes.set_xlim(0, len(stages))
+    axes.set_ylim(0, 1)
+    palette = [COLOURS["text"], COLOURS["special"], COLOURS["image"], COLOURS["video"], COLOURS["loss"]]
+    for index, (title, lines) in enumerate(stages):
+        colour = palette[index % len(palette)]
+        axes.add_patch(matplotlib.patches.FancyBboxPatch(
+            (index + 0.06, 0.08), 0.78, 0.84, boxstyle="round,pad=0.02", facecolor=colour, alpha=0.15,
+            edgecolor=colour, linewidth=1.5))
+        axes.text(index + 0.45, 0.84, title, ha="center", va="top", fontsize=10, fontweight="bold", color=colour)
+        axes.text(index + 0.45, 0.66, "\n".join(lines), ha="center", va="top", fontsize=8, family="monospace")
+        if index + 1 < len(stages):
+            axes.annotate("", xy=(index + 1.04, 0.5), xytext=(index + 0.88, 0.5),
+                          arrowprops=dict(arrowstyle="->", lw=1.5, color="#444444"))
+    return figure

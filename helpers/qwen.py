@@ -26,6 +26,7 @@ from pathlib import Path
 import helpers  # noqa: F401  (sets HF_HUB_OFFLINE before transformers loads)
 
 import torch
+import transformers
 from transformers import (
     AutoProcessor,
     Qwen2_5_VLConfig,
@@ -35,6 +36,10 @@ from transformers import (
     Qwen2VLImageProcessor,
     Qwen2VLVideoProcessor,
 )
+
+# Keep notebook outputs to what the lesson shows: no loading bars or advisory warnings.
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
 
 # ---------------------------------------------------------------------------------------------
 # Tokens
