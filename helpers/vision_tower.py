@@ -1,0 +1,581 @@
+"""The Qwen2.5-VL vision tower, written out explicitly (taught in notebooks 05, 06 and 07).
+
+- 05_patch_embed: ``conv3d_to_linear_weight`` / ``patch_embed_as_matmul`` (the Conv3d with
+  kernel = stride is one matrix multiply over the 1176-long patch rows), ``patch_embed_cost``,
+  ``still_image_kernel`` (what a still image's repeated frame does to the kernel).
+- 06_window_attention: ``window_index`` (mirrors ``transformers.vision_utils.get_vision_window_index``),
+  ``full_attention_seqlens`` (mirrors ``get_vision_cu_seqlens``), ``window_map``, ``window_sizes``,
+  ``attention_cost``, ``block_mask``, ``masked_attention`` / ``windowed_attention``.
+- 07_vision_rope_merger: ``vision_position_ids`` (mirrors ``get_vision_position_ids``),
+  ``rotary_inv_freq`` / ``rotary_cos_sin`` (mirror ``Qwen2_5_VLVisionRotaryEmbedding``),
+  ``patch_merger`` (mirrors ``Qwen2_5_VLPatchMerger``) and ``vision_tower_forward``, the whole
+  ``Qwen2_5_VisionTransformerPretrainedModel.forward`` from the model's own weights.
+
+Every function here is cross-checked against its transformers twin in tests/test_vision_tower.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from helpers.plots import COLOURS, new_figure
+from helpers.widgets import View, register_widget
+
+# ---------------------------------------------------------------------------------------------
+# Input checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_grid(grid_thw, spatial_merge_size: int = 1) -> torch.Tensor:
+    """``grid_thw`` as a (n, 3) int64 tensor, checked: positive, h and w divisible by the merge."""
+    if isinstance(grid_thw, torch.Tensor):
+        if grid_thw.is_floating_point() or grid_thw.dtype == torch.bool:
+            raise TypeError(f"grid_thw has dtype {grid_thw.dtype}; expected an integer tensor")
+        grid = grid_thw.to(torch.int64).cpu()
+    else:
+        grid = torch.as_tensor(np.asarray(grid_thw))
+        if grid.is_floating_point() or grid.dtype == torch.bool:
+            raise TypeError(f"grid_thw={grid_thw!r}: expected integers (t, h, w)")
+        grid = grid.to(torch.int64)
+    if grid.ndim == 1:
+        grid = grid[None]
+    if grid.ndim != 2 or grid.shape[1] != 3 or grid.shape[0] == 0:
+        raise ValueError(f"grid_thw has shape {tuple(grid.shape)}; expected (n ≥ 1, 3) rows of (t, h, w)")
+    if (grid < 1).any():
+        raise ValueError(f"grid_thw={grid.tolist()}: every t, h, w must be ≥ 1")
+    if spatial_merge_size > 1 and ((grid[:, 1:] % spatial_merge_size) != 0).any():
+        raise ValueError(f"grid_thw={grid.tolist()}: h and w must be multiples of spatial_merge_size={spatial_merge_size}")
+    return grid
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}={value!r}: expected an int ≥ 1")
+    if value < 1:
+        raise ValueError(f"{name}={value}: expected an int ≥ 1")
+    return int(value)
+
+
+def _merger_window(spatial_merge_size: int, window_size: int, patch_size: int) -> int:
+    """The window side in merged tokens: 112 // 2 // 14 = 4 in Qwen2.5-VL."""
+    for name, value in (("spatial_merge_size", spatial_merge_size), ("window_size", window_size),
+                        ("patch_size", patch_size)):
+        _check_positive_int(name, value)
+    unit = spatial_merge_size * patch_size
+    if window_size % unit:
+        raise ValueError(f"window_size={window_size}: expected a multiple of spatial_merge_size·patch_size = {unit}")
+    return window_size // unit
+
+
+# ---------------------------------------------------------------------------------------------
+# 05 · the patch embedding
+# ---------------------------------------------------------------------------------------------
+
+
+def conv3d_to_linear_weight(conv_weight: torch.Tensor) -> torch.Tensor:
+    """A Conv3d weight (hidden, C, T, P, P) as a Linear weight (hidden, C·T·P·P).
+
+    The rows of ``pixel_values`` are laid out (C, T, P, P), exactly as ``Qwen2_5_VisionPatchEmbed``
+    views them, so the flattening order of the kernel must be the same.
+    """
+    if conv_weight.ndim != 5:
+        raise ValueError(f"conv_weight has shape {tuple(conv_weight.shape)}; expected 5 dims (hidden, C, T, P, P)")
+    return conv_weight.reshape(conv_weight.shape[0], -1)
+
+
+def patch_embed_as_matmul(pixel_values: torch.Tensor, conv_weight: torch.Tensor) -> torch.Tensor:
+    """``Qwen2_5_VisionPatchEmbed.forward`` as one matrix multiply: (N, 1176) @ (1176, hidden)."""
+    weight = conv3d_to_linear_weight(conv_weight)
+    if pixel_values.ndim != 2 or pixel_values.shape[1] != weight.shape[1]:
+        raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected (N, {weight.shape[1]})")
+    return pixel_values.to(weight.dtype) @ weight.T
+
+
+def patch_embed_cost(num_patches: int, hidden: int, in_channels: int = 3, temporal_patch_size: int = 2,
+                     patch_size: int = 14) -> dict:
+    """Parameters and FLOPs (2 per multiply-add) of the patch embedding for ``num_patches`` rows."""
+    row = in_channels * temporal_patch_size * patch_size * patch_size
+    return {"row": row, "params": hidden * row, "flops": 2 * num_patches * row * hidden}
+
+
+def still_image_kernel(conv_weight: torch.Tensor) -> torch.Tensor:
+    """The 2D kernel (hidden, C, P, P) a still image really sees: both temporal slices summed.
+
+    A still image is repeated to fill ``temporal_patch_size`` = 2, so both temporal slices of the
+    kernel multiply the same pixels.
+    """
+    return conv_weight.sum(dim=2)
+
+
+def temporal_pairs(num_frames: int, temporal_patch_size: int = 2) -> list[tuple[int, ...]]:
+    """Which frame feeds each temporal slot: frames are padded by repeating the last one.
+
+    Mirrors the padding in ``Qwen2VLImageProcessor`` / ``Qwen2VLVideoProcessor`` (a still image is
+    one frame → pair (0, 0)).
+    """
+    _check_positive_int("num_frames", num_frames)
+    _check_positive_int("temporal_patch_size", temporal_patch_size)
+    padded = -(-num_frames // temporal_patch_size) * temporal_patch_size
+    frames = [min(i, num_frames - 1) for i in range(padded)]
+    return [tuple(frames[i:i + temporal_patch_size]) for i in range(0, padded, temporal_patch_size)]
+
+
+# ---------------------------------------------------------------------------------------------
+# 06 · windows
+# ---------------------------------------------------------------------------------------------
+
+
+def window_index(grid_thw, spatial_merge_size: int, window_size: int, patch_size: int):
+    """The window permutation of merged tokens and the window boundaries, in patch rows.
+
+    Mirrors ``transformers.vision_utils.get_vision_window_index`` (the model's window index):
+    windows are cut on the *merged* grid, ``window_size // spatial_merge_size // patch_size``
+    merged tokens on a side (4 in Qwen2.5-VL); each frame is cut on its own; windows are visited
+    row by row, and inside a window its merged tokens row by row. Returns ``(window_index,
+    cu_window_seqlens)``: ``window_index[k]`` is the merged token placed k-th, and
+    ``cu_window_seqlens`` (int32) the cumulative window lengths counted in patches (4 per merged
+    token), starting at 0.
+    """
+    side = _merger_window(spatial_merge_size, window_size, patch_size)
+    grid = _as_grid(grid_thw, spatial_merge_size)
+    unit = spatial_merge_size ** 2
+    orders, lengths, offset = [], [], 0
+    for t, h, w in grid.tolist():
+        mh, mw = h // spatial_merge_size, w // spatial_merge_size
+        tt, rr, cc = torch.meshgrid(torch.arange(t), torch.arange(mh), torch.arange(mw), indexing="ij")
+        # The model pads the merged grid up to the next multiple of `side` plus one: with
+        # `side - mh % side` extra rows, a whole empty row of windows when mh divides. Empty windows
+        # have length 0 and vanish from the boundaries, so only the column count matters here.
+        windows_per_row = mw // side + 1
+        key = (tt * (mh // side + 1) + rr // side) * windows_per_row + cc // side  # (t, mh, mw) window id
+        key = key.reshape(-1)
+        order = torch.argsort(key, stable=True)  # merged tokens are already row-major inside a window
+        orders.append(order + offset)
+        lengths.append(torch.unique_consecutive(key[order], return_counts=True)[1])
+        offset += t * mh * mw
+    cu = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cat(lengths).cumsum(0) * unit])
+    return torch.cat(orders), cu.to(torch.int32)
+
+
+def full_attention_seqlens(grid_thw) -> torch.Tensor:
+    """Boundaries of the full-attention layers: one segment per temporal patch (h·w patches each).
+
+    Mirrors ``transformers.vision_utils.get_vision_cu_seqlens`` (``merge_temporal=False``): a
+    "full" layer attends across a whole frame (pair), never across frames or images.
+    """
+    grid = _as_grid(grid_thw)
+    lengths = torch.repeat_interleave(grid[:, 1] * grid[:, 2], grid[:, 0])
+    return torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(torch.int32)
+
+
+def window_sizes(cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """The length of each segment from cumulative boundaries."""
+    return (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+
+
+def window_map(grid_thw, spatial_merge_size: int = 2, window_size: int = 112, patch_size: int = 14) -> np.ndarray:
+    """The window id of every merged token of ONE image/video, on the padded merged grid.
+
+    Returns an int array (t, padded_h, padded_w) where padding cells (outside the image, inside its
+    last windows) hold -1. Ids count windows in the order the model visits them.
+    """
+    grid = _as_grid(grid_thw, spatial_merge_size)
+    if grid.shape[0] != 1:
+        raise ValueError(f"grid_thw has {grid.shape[0]} rows; window_map draws one image or video")
+    side = _merger_window(spatial_merge_size, window_size, patch_size)
+    order, cu = window_index(grid, spatial_merge_size, window_size, patch_size)
+    unit = spatial_merge_size ** 2
+    ids_in_order = torch.repeat_interleave(torch.arange(len(cu) - 1), window_sizes(cu) // unit)
+    ids = torch.empty_like(ids_in_order)
+    ids[order] = ids_in_order
+    t, h, w = grid[0].tolist()
+    mh, mw = h // spatial_merge_size, w // spatial_merge_size
+    ph, pw = -(-mh // side) * side, -(-mw // side) * side
+    out = np.full((t, ph, pw), -1, dtype=np.int64)
+    out[:, :mh, :mw] = ids.reshape(t, mh, mw).numpy()
+    return out
+
+
+def block_mask(cu_seqlens: torch.Tensor, length: int | None = None) -> torch.Tensor:
+    """Boolean (N, N) mask: True where query and key fall in the same segment (block diagonal)."""
+    sizes = window_sizes(cu_seqlens)
+    segment = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+    if length is not None and length != len(segment):
+        raise ValueError(f"cu_seqlens covers {len(segment)} rows, expected length={length}")
+    return segment[:, None] == segment[None, :]
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """Attention over the whole sequence with a boolean mask (heads, N, d) → (heads, N, d).
+
+    Every one of the N² scores is computed, then the masked ones are thrown away.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                       scale: float | None = None) -> torch.Tensor:
+    """Attention inside each segment of ``cu_seqlens`` only, one small attention per window.
+
+    What the model does without flash attention (``torch.split`` over ``cu_seqlens``); flash
+    attention's varlen kernel does the same in one call.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    sizes = window_sizes(cu_seqlens).tolist()
+    outs = [torch.softmax((qi @ ki.transpose(-1, -2)) * scale, dim=-1) @ vi
+            for qi, ki, vi in zip(q.split(sizes, -2), k.split(sizes, -2), v.split(sizes, -2))]
+    return torch.cat(outs, dim=-2)
+
+
+def attention_cost(cu_seqlens: torch.Tensor, hidden: int, num_heads: int, bytes_per_score: int = 2) -> dict:
+    """FLOPs and score-matrix bytes of one attention layer over the segments of ``cu_seqlens``.
+
+    FLOPs count Q·Kᵀ and P·V only (2 · 2 · n² · hidden per segment of n tokens; projections
+    are the same for window and full layers). Bytes: every head's n × n score matrix, all segments.
+    """
+    sizes = window_sizes(cu_seqlens)
+    squares = int((sizes ** 2).sum())
+    return {"flops": 4 * squares * hidden, "score_bytes": num_heads * squares * bytes_per_score,
+            "segments": len(sizes), "largest": int(sizes.max())}
+
+
+def attention_costs_for_grid(grid_thw, hidden: int, num_heads: int, spatial_merge_size: int = 2,
+                             window_size: int = 112, patch_size: int = 14, bytes_per_score: int = 2) -> dict:
+    """``attention_cost`` of a window layer and of a full layer for the same images."""
+    _, cu_window = window_index(grid_thw, spatial_merge_size, window_size, patch_size)
+    return {"window": attention_cost(cu_window, hidden, num_heads, bytes_per_score),
+            "full": attention_cost(full_attention_seqlens(grid_thw), hidden, num_heads, bytes_per_score)}
+
+
+def cost_curve(max_patches: int = 16384, hidden: int = 1280, num_heads: int = 16, steps: int = 24) -> dict:
+    """Attention cost of a window and a full layer for square-ish images up to ``max_patches``.
+
+    Image grids are (1, 2k, 2k) and (1, 2k, 2k+2) for growing k; returns arrays for plotting.
+    """
+    sides = sorted({2 * max(1, int(round(s))) for s in np.linspace(2, math.sqrt(max_patches) / 2, steps)})
+    rows = {"patches": [], "window_flops": [], "full_flops": [], "window_bytes": [], "full_bytes": []}
+    for side in sides:
+        costs = attention_costs_for_grid([[1, side, side]], hidden, num_heads)
+        rows["patches"].append(side * side)
+        for kind in ("window", "full"):
+            rows[f"{kind}_flops"].append(costs[kind]["flops"])
+            rows[f"{kind}_bytes"].append(costs[kind]["score_bytes"])
+    return {k: np.array(v, dtype=np.float64) for k, v in rows.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# 07 · rotary positions, the merger, the whole tower
+# ---------------------------------------------------------------------------------------------
+
+
+def vision_position_ids(grid_thw, spatial_merge_size: int) -> torch.Tensor:
+    """(h, w) patch coordinates of every patch row, in merge-block order, shape (N, 2).
+
+    Mirrors ``transformers.vision_utils.get_vision_position_ids`` (what the model's vision rotary
+    embedding rotates by): within each 2×2 merge block the four patches are consecutive, blocks go
+    row by row, and every temporal patch of a video repeats the same (h, w) ids.
+    """
+    _check_positive_int("spatial_merge_size", spatial_merge_size)
+    grid = _as_grid(grid_thw, spatial_merge_size)
+    m = spatial_merge_size
+    pieces = []
+    for t, h, w in grid.tolist():
+        k = torch.arange(h * w)  # position in the sequence of one frame
+        in_col, in_row = k % m, (k // m) % m
+        block = k // (m * m)
+        block_row, block_col = block // (w // m), block % (w // m)
+        hw = torch.stack([block_row * m + in_row, block_col * m + in_col], dim=-1)
+        pieces.append(hw.repeat(t, 1))
+    return torch.cat(pieces)
+
+
+def rotary_inv_freq(head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """The vision RoPE's head_dim/4 inverse frequencies, shared by the h and the w axis.
+
+    Mirrors ``Qwen2_5_VLVisionRotaryEmbedding.compute_axial_rope_parameters``.
+    """
+    _check_positive_int("head_dim", head_dim)
+    if head_dim % 4:
+        raise ValueError(f"head_dim={head_dim}: expected a multiple of 4 (half for h, half for w, in pairs)")
+    spatial = head_dim // 2
+    return 1.0 / (theta ** (torch.arange(0, spatial, 2, dtype=torch.float32) / spatial))
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float = 10000.0):
+    """cos, sin of shape (N, head_dim): angles [h·f, w·f, h·f, w·f] for the rotate-half pairing.
+
+    Mirrors ``Qwen2_5_VLVisionRotaryEmbedding.forward``: dimension i is paired with i + head_dim/2,
+    so the first quarter of the pairs turns with the row id h and the second quarter with w.
+    """
+    inv_freq = rotary_inv_freq(head_dim, theta)
+    angles_h = position_ids[:, 0:1].float() * inv_freq  # (N, head_dim/4)
+    angles_w = position_ids[:, 1:2].float() * inv_freq  # (N, head_dim/4)
+    angles = torch.cat([angles_h, angles_w, angles_h, angles_w], dim=-1)  # (N, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (N, heads, d) by the angles of (N, d): x·cos + rotate_half(x)·sin."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / rms(x) · weight (mirrors ``Qwen2_5_VLRMSNorm``, computed in fp32)."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def patch_merger(x: torch.Tensor, merger, spatial_merge_size: int = 2) -> torch.Tensor:
+    """The 2×2 merger: RMSNorm, then each 4 consecutive rows side by side → MLP → text width.
+
+    Mirrors ``Qwen2_5_VLPatchMerger.forward`` with the weights of ``merger``:
+    (N, hidden) → (N/4, 4·hidden) → Linear → GELU → Linear → (N/4, out_hidden).
+    """
+    unit = spatial_merge_size ** 2
+    if x.shape[0] % unit:
+        raise ValueError(f"{x.shape[0]} rows is not a multiple of spatial_merge_size² = {unit}")
+    grouped = rms_norm(x, merger.ln_q.weight, merger.ln_q.variance_epsilon).reshape(-1, unit * x.shape[1])
+    first, last = merger.mlp[0], merger.mlp[2]
+    return F.linear(F.gelu(F.linear(grouped, first.weight, first.bias)), last.weight, last.bias)
+
+
+def permute_rows(x: torch.Tensor, order: torch.Tensor, spatial_merge_size: int = 2) -> torch.Tensor:
+    """Reorder rows in groups of spatial_merge_size² (merged tokens) by ``order``."""
+    unit = spatial_merge_size ** 2
+    return x.reshape(-1, unit, *x.shape[1:])[order].reshape(x.shape)
+
+
+def vision_block(x: torch.Tensor, block, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                 num_heads: int) -> torch.Tensor:
+    """One ``Qwen2_5_VLVisionBlock`` from its weights, with an explicit boolean attention mask."""
+    n, dim = x.shape
+    h = rms_norm(x, block.norm1.weight, block.norm1.variance_epsilon)
+    qkv = F.linear(h, block.attn.qkv.weight, block.attn.qkv.bias).reshape(n, 3, num_heads, dim // num_heads)
+    q, k, v = qkv.unbind(1)  # each (N, heads, head_dim)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    out = masked_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), mask)  # (heads, N, d)
+    x = x + F.linear(out.transpose(0, 1).reshape(n, dim), block.attn.proj.weight, block.attn.proj.bias)
+    h = rms_norm(x, block.norm2.weight, block.norm2.variance_epsilon)
+    mlp = block.mlp
+    gated = F.silu(F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)) * F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
+    return x + F.linear(gated, mlp.down_proj.weight, mlp.down_proj.bias)
+
+
+@torch.no_grad()
+def vision_tower_forward(visual, pixel_values: torch.Tensor, grid_thw, return_steps: bool = False):
+    """``model.model.visual(pixel_values, grid_thw).pooler_output`` re-implemented step by step.
+
+    patch embed (one matmul) → window permutation → 2D rotary → blocks with explicit window / full
+    masks → merger → inverse permutation. Uses ``visual``'s weights and config only. With
+    ``return_steps`` also returns a dict of the intermediate tensors.
+    """
+    cfg = visual.config
+    if cfg.hidden_act != "silu":
+        raise ValueError(f"hidden_act={cfg.hidden_act!r}: this re-implementation writes the MLP with silu")
+    grid = _as_grid(grid_thw, cfg.spatial_merge_size)
+    x = patch_embed_as_matmul(pixel_values, visual.patch_embed.proj.weight)  # (N, hidden)
+    order, cu_window = window_index(grid, cfg.spatial_merge_size, cfg.window_size, cfg.patch_size)
+    x = permute_rows(x, order, cfg.spatial_merge_size)
+    positions = permute_rows(vision_position_ids(grid, cfg.spatial_merge_size), order, cfg.spatial_merge_size)
+    cos, sin = rotary_cos_sin(positions, cfg.hidden_size // cfg.num_heads, cfg.rope_parameters["rope_theta"])
+    # Full layers attend within each temporal patch; the permutation keeps frames contiguous.
+    masks = {"window": block_mask(cu_window, len(x)), "full": block_mask(full_attention_seqlens(grid), len(x))}
+    for number, block in enumerate(visual.blocks):
+        kind = "full" if number in cfg.fullatt_block_indexes else "window"
+        x = vision_block(x, block, cos, sin, masks[kind], cfg.num_heads)
+    merged = patch_merger(x, visual.merger, cfg.spatial_merge_size)
+    out = merged[torch.argsort(order)]
+    if return_steps:
+        return out, {"window_index": order, "cu_window_seqlens": cu_window, "positions": positions,
+                     "masks": masks, "last_hidden": x}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------------
+
+
+def _window_colours(ids: np.ndarray, seed: int = 0) -> np.ndarray:
+    """RGBA per cell: a distinct colour per window id, grey for padding (-1)."""
+    rng = np.random.default_rng(seed)
+    palette = np.concatenate([rng.uniform(0.15, 0.95, (max(int(ids.max()) + 1, 1), 3)),
+                              np.ones((max(int(ids.max()) + 1, 1), 1))], axis=1)
+    rgba = palette[np.clip(ids, 0, None)]
+    rgba[ids < 0] = (0.6, 0.6, 0.6, 1.0)
+    return rgba
+
+
+def draw_window_map(ax, ids: np.ndarray, merge_pixels: int = 28, image=None, alpha: float = 0.45,
+                    label_windows: bool = True) -> None:
+    """Draw one frame's window map (padded merged grid, -1 = padding) over an optional image."""
+    ph, pw = ids.shape
+    extent = (0, pw * merge_pixels, ph * merge_pixels, 0)
+    if image is not None:
+        ax.imshow(np.asarray(image), extent=(0, image.shape[1], image.shape[0], 0))
+    rgba = _window_colours(ids)
+    rgba[..., 3] = np.where(ids < 0, 0.85, alpha if image is not None else 1.0)
+    ax.imshow(rgba, extent=extent)
+    pad = np.ma.masked_where(ids >= 0, np.ones_like(ids, dtype=float))
+    ax.pcolor(np.arange(pw + 1) * merge_pixels, np.arange(ph + 1) * merge_pixels, pad,
+              hatch="///", alpha=0.0, shading="flat")
+    if label_windows and ids.max() < 120:
+        for wid in np.unique(ids[ids >= 0]):
+            rows, cols = np.nonzero(ids == wid)
+            ax.text((cols.mean() + 0.5) * merge_pixels, (rows.mean() + 0.5) * merge_pixels, str(wid),
+                    ha="center", va="center", fontsize=6)
+    ax.set_xlim(0, pw * merge_pixels)
+    ax.set_ylim(ph * merge_pixels, 0)
+    ax.grid(False)
+
+
+def window_counts_text(cu_window: torch.Tensor, spatial_merge_size: int = 2) -> str:
+    """'70 × 64, 7 × 32, …' : how many windows hold how many patch rows."""
+    sizes, counts = torch.unique(window_sizes(cu_window), return_counts=True)
+    return ", ".join(f"{c} of {s}" for s, c in sorted(zip(sizes.tolist(), counts.tolist()), reverse=True))
+
+
+def cost_figure(curve: dict, full_layers: int = 4, window_layers: int = 28):
+    """Attention FLOPs and score-matrix memory per layer, window vs full, as patches grow."""
+    figure, (left, right) = new_figure(2, 1, width=8.5, height=3.2)
+    n = curve["patches"]
+    left.plot(n, curve["full_flops"] / 1e9, color=COLOURS["loss"], label="full layer")
+    left.plot(n, curve["window_flops"] / 1e9, color=COLOURS["image"], label="window layer")
+    mix = (full_layers * curve["full_flops"] + window_layers * curve["window_flops"]) / (full_layers + window_layers)
+    left.plot(n, mix / 1e9, color=COLOURS["text"], ls="--", label=f"tower average ({full_layers} full / {window_layers} window)")
+    left.set(xlabel="patches per image", ylabel="attention GFLOPs per layer", title="Q·Kᵀ and P·V FLOPs")
+    left.legend(fontsize=7)
+    right.plot(n, curve["full_bytes"] / 2**20, color=COLOURS["loss"], label="full layer")
+    right.plot(n, curve["window_bytes"] / 2**20, color=COLOURS["image"], label="window layer")
+    right.set(xlabel="patches per image", ylabel="MiB (bf16, all heads)", title="score matrices if materialised")
+    right.set_yscale("log")
+    right.legend(fontsize=7)
+    return figure
+
+
+def layer_strip_figure(depth: int, full_blocks, title: str):
+    """One cell per vision block, coloured by attention kind."""
+    figure, ax = new_figure(1, 1, width=8.5, height=0.9)
+    colours = [COLOURS["loss"] if i in full_blocks else COLOURS["image"] for i in range(depth)]
+    ax.bar(range(depth), np.ones(depth), color=colours, width=0.9)
+    for i in full_blocks:
+        ax.text(i, 0.5, str(i), ha="center", va="center", color="white", fontsize=8)
+    ax.set(xlim=(-0.6, depth - 0.4), yticks=[], title=title, xlabel="block (orange = full attention, green = window)")
+    ax.grid(False)
+    return figure
+
+
+def position_order_figure(grid_h: int, grid_w: int, spatial_merge_size: int = 2, show_raster: bool = True):
+    """Left: each patch labelled with its row index in ``pixel_values`` (merge-block order), the
+    2×2 merge blocks outlined. Right: the h and w position ids along the sequence."""
+    ids = vision_position_ids([[1, grid_h, grid_w]], spatial_merge_size)
+    figure, (left, right) = new_figure(2, 1, width=8.5, height=3.3)
+    order = np.empty((grid_h, grid_w), dtype=int)
+    order[ids[:, 0].numpy(), ids[:, 1].numpy()] = np.arange(len(ids))
+    left.imshow(order // spatial_merge_size ** 2 % 8, cmap="Pastel2")
+    if grid_h * grid_w <= 200:
+        for (r, c), k in np.ndenumerate(order):
+            left.text(c, r, str(k), ha="center", va="center", fontsize=6)
+    for r in range(0, grid_h + 1, spatial_merge_size):
+        left.axhline(r - 0.5, color="black", lw=0.8)
+    for c in range(0, grid_w + 1, spatial_merge_size):
+        left.axvline(c - 0.5, color="black", lw=0.8)
+    left.set(title="row of pixel_values at each patch", xlabel="w (patch column)", ylabel="h (patch row)")
+    left.grid(False)
+    right.step(np.arange(len(ids)), ids[:, 0], where="mid", color=COLOURS["text"], label="h id")
+    right.step(np.arange(len(ids)), ids[:, 1], where="mid", color=COLOURS["loss"], label="w id")
+    right.set(xlabel="row of pixel_values (sequence index)", ylabel="position id", title="vision RoPE ids in merge-block order")
+    right.legend(fontsize=7)
+    return figure
+
+
+# ---------------------------------------------------------------------------------------------
+# Widgets
+# ---------------------------------------------------------------------------------------------
+
+_CHECKPOINT_LIMITS = (56 * 56, 28 * 28 * 16384)
+
+
+def _resized_grid(height: int, width: int, patch_size: int = 14, merge: int = 2,
+                  min_pixels: int = _CHECKPOINT_LIMITS[0], max_pixels: int = _CHECKPOINT_LIMITS[1]):
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    rh, rw = smart_resize(height, width, factor=patch_size * merge, min_pixels=min_pixels, max_pixels=max_pixels)
+    return rh, rw, rh // patch_size, rw // patch_size
+
+
+@register_widget("05_patch_embed", {"height": 1092, "width": 1568, "frames": 1, "hidden": 1280},
+                 [{"height": 224, "width": 224, "frames": 5, "hidden": 64}, {"frames": 8, "hidden": 64}])
+def patch_embed_view(height: int = 1092, width: int = 1568, frames: int = 1, hidden: int = 1280,
+                     min_pixels: int = 256 * 28 * 28, max_pixels: int = 1280 * 28 * 28) -> View:
+    """Image size, frame count and width → patch rows, embed output, parameters, FLOPs, and which
+    frame feeds each temporal slot."""
+    rh, rw, gh, gw = _resized_grid(height, width, min_pixels=min_pixels, max_pixels=max_pixels)
+    pairs = temporal_pairs(frames)
+    n = len(pairs) * gh * gw
+    cost = patch_embed_cost(n, hidden)
+    text = (f"resized {rh}×{rw} → grid (t, h, w) = ({len(pairs)}, {gh}, {gw})\n"
+            f"pixel_values ({n}, {cost['row']}) @ weight ({cost['row']}, {hidden}) → ({n}, {hidden})\n"
+            f"parameters {cost['params']:,}   FLOPs {cost['flops'] / 1e9:.2f} G\n"
+            f"temporal pairs: {pairs}")
+    figure, ax = new_figure(1, 1, width=6.0, height=1.4)
+    for slot, frame in enumerate(f for pair in pairs for f in pair):
+        repeated = slot >= frames
+        ax.add_patch(matplotlib_rectangle((slot, 0), 0.9, 0.9, COLOURS["pad"] if repeated else COLOURS["video"],
+                                          "//" if repeated else None))
+        ax.text(slot + 0.45, 0.45, str(frame), ha="center", va="center", color="white", fontsize=8)
+    for p in range(len(pairs)):
+        ax.plot([2 * p, 2 * p + 1.9], [-0.15, -0.15], color="black", lw=2)
+        ax.text(2 * p + 0.95, -0.45, f"t={p}", ha="center", fontsize=7)
+    ax.set(xlim=(-0.2, max(2 * len(pairs), 2) + 0.2), ylim=(-0.7, 1.0), yticks=[], xticks=[],
+           title="frame fed to each temporal slot (grey = repeated to fill the pair)")
+    ax.grid(False)
+    return View(text=text, figure=figure, data={"grid_thw": (len(pairs), gh, gw), "rows": n, **cost, "pairs": pairs})
+
+
+def matplotlib_rectangle(xy, w, h, colour, hatch):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle(xy, w, h, facecolor=colour, hatch=hatch, edgecolor="white")
+
+
+@register_widget("06_window_attention", {"height": 1092, "width": 1568, "window_size": 112},
+                 [{"height": 512, "width": 600, "window_size": 56}, {"height": 2000, "width": 300, "window_size": 224}])
+def window_view(height: int = 1092, width: int = 1568, window_size: int = 112,
+                min_pixels: int = 256 * 28 * 28, max_pixels: int = 1280 * 28 * 28) -> View:
+    """Image size and window size → the window map of the resized image and the window counts."""
+    rh, rw, gh, gw = _resized_grid(height, width, min_pixels=min_pixels, max_pixels=max_pixels)
+    ids = window_map([[1, gh, gw]], 2, window_size, 14)[0]
+    _, cu = window_index([[1, gh, gw]], 2, window_size, 14)
+    full = full_attention_seqlens([[1, gh, gw]])
+    costs = {"window": attention_cost(cu, 1280, 16), "full": attention_cost(full, 1280, 16)}
+    ratio = costs["full"]["flops"] / costs["window"]["flops"]
+    text = (f"resized {rh}×{rw} → grid (1, {gh}, {gw}) → merged {gh // 2}×{gw // 2} → padded "
+            f"{ids.shape[0]}×{ids.shape[1]}\n{len(cu) - 1} windows: {window_counts_text(cu)} (patch rows each)\n"
+            f"full attention costs {ratio:.1f}× the FLOPs of window attention at this size (3B widths)")
+    figure, ax = new_figure(1, 1, width=5.0, height=3.6)
+    draw_window_map(ax, ids, label_windows=ids.size <= 1500)
+    ax.set(title=f"{len(cu) - 1} windows of ≤ {(window_size // 14) ** 2} patches (grey = padding)")
+    return View(text=text, figure=figure, data={"grid": (gh, gw), "windows": len(cu) - 1, "cu_window_seqlens": cu,
+                                                 "flops_ratio": ratio})
+
+
+@register_widget("07_vision_rope_merger", {"grid_h": 6, "grid_w": 8},
+                 [{"grid_h": 2, "grid_w": 2}, {"grid_h": 12, "grid_w": 16}])
+def position_view(grid_h: int = 6, grid_w: int = 8) -> View:
+    """A patch grid → each patch's row in ``pixel_values`` and the h/w ids of the vision RoPE."""
+    ids = vision_position_ids([[1, grid_h, grid_w]], 2)
+    first = ", ".join(f"({h},{w})" for h, w in ids[:8].tolist())
+    text = (f"{grid_h * grid_w} patches → {grid_h * grid_w // 4} merged tokens; first 8 (h, w) ids: {first}\n"
+            f"rows 4k..4k+3 always form one 2×2 block: that is what the merger concatenates")
+    return View(text=text, figure=position_order_figure(grid_h, grid_w), data={"position_ids": ids})
