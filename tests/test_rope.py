@@ -1,0 +1,203 @@
+"""helpers.rope against the model's own get_rope_index and rotary embedding (notebook 08)."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from helpers.qwen import course_config, load_model, load_processor, qwen25vl_3b_config
+from helpers.rope import (
+    EXAMPLE_CASES,
+    IMAGE_TOKEN_ID,
+    VIDEO_TOKEN_ID,
+    VISION_END_ID,
+    VISION_START_ID,
+    example_inputs,
+    generated_positions,
+    inverse_frequencies,
+    merged_grid_check,
+    mrope_cos_sin,
+    pair_axes,
+    positions_view,
+    rope_index,
+    synthetic_sequence,
+    token_types,
+    video_plan,
+    vision_positions,
+)
+
+SWEEP = 300
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model()
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return load_processor()
+
+
+def reference(model, ids, image_grid=None, video_grid=None, seconds=None, mask=None):
+    seconds = torch.tensor(seconds, dtype=torch.float) if seconds is not None else None
+    return model.model.get_rope_index(ids, token_types(ids), image_grid, video_grid, seconds, mask)
+
+
+@pytest.mark.parametrize("case", EXAMPLE_CASES)
+def test_rope_index_equals_model_on_processor_inputs(model, processor, case):
+    inputs = example_inputs(processor, case)
+    args = (inputs["input_ids"], inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
+            inputs.get("second_per_grid_ts"), inputs["attention_mask"])
+    mine = rope_index(*args)
+    theirs = model.model.get_rope_index(args[0], inputs["mm_token_type_ids"], *args[1:])
+    assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
+    if case == "batch of 3, left padding":
+        assert (inputs["attention_mask"][:, 0] == 0).any(), "the batch case must really be padded"
+
+
+def random_row(rng: random.Random):
+    """Token ids of one random chat-like row, with its image and video grids and seconds per grid."""
+    ids, images, videos, seconds = [], [], [], []
+    for _ in range(rng.randint(0, 3)):
+        ids += [rng.randint(0, 151000) for _ in range(rng.randint(1, 6))]
+        kind = rng.choice(["image", "video"])
+        t = 1 if kind == "image" else rng.randint(1, 5)
+        grid = [t, 2 * rng.randint(1, 8), 2 * rng.randint(1, 8)]
+        ids += [VISION_START_ID] + [IMAGE_TOKEN_ID if kind == "image" else VIDEO_TOKEN_ID] * (np.prod(grid) // 4) + [VISION_END_ID]
+        (images if kind == "image" else videos).append(grid)
+        if kind == "video":
+            seconds.append(rng.choice([0.25, 0.5, 2 / 3, 1.0, 2.0, 4.0, round(rng.uniform(0.1, 5), 3)]))
+    ids += [rng.randint(0, 151000) for _ in range(rng.randint(1, 6))]
+    return ids, images, videos, seconds
+
+
+def test_rope_index_random_sweep(model):
+    rng = random.Random(0)
+    checked = 0
+    for _ in range(SWEEP):
+        rows = [random_row(rng) for _ in range(rng.randint(1, 3))]
+        length = max(len(r[0]) for r in rows) + rng.randint(0, 3)
+        ids = torch.full((len(rows), length), 151643)
+        mask = torch.zeros_like(ids)
+        for index, (row, *_rest) in enumerate(rows):
+            ids[index, length - len(row):] = torch.tensor(row)
+            mask[index, length - len(row):] = 1
+        images = [g for r in rows for g in r[1]]
+        videos = [g for r in rows for g in r[2]]
+        seconds = [s for r in rows for s in r[3]]
+        image_grid = torch.tensor(images) if images else None
+        video_grid = torch.tensor(videos) if videos else None
+        use_mask = mask if rng.random() < 0.8 or not (mask == 0).any() else None
+        if use_mask is None:
+            ids[mask == 0] = 1000  # unpadded run: padding becomes ordinary text
+        mine = rope_index(ids, image_grid, video_grid, seconds or None, use_mask)
+        theirs = reference(model, ids, image_grid, video_grid, seconds or None, use_mask)
+        torch.testing.assert_close(mine[0], theirs[0], rtol=0, atol=0)
+        torch.testing.assert_close(mine[1], theirs[1], rtol=0, atol=0)
+        checked += 1
+    assert checked == SWEEP
+
+
+def test_vision_positions_equal_model(model):
+    rng = random.Random(1)
+    for _ in range(100):
+        grid = torch.tensor([rng.randint(1, 4), 2 * rng.randint(1, 10), 2 * rng.randint(1, 10)])
+        start, interval = rng.randint(0, 500), rng.choice([1, 0.5, 4 / 3, 2.0, 8.0])
+        theirs = model.model.get_vision_position_ids(start, grid, 1, 2, interval)
+        assert torch.equal(vision_positions(start, grid, 2, interval), theirs)
+
+
+def test_merged_grid_rows_and_columns(processor):
+    inputs = example_inputs(processor, "two images")
+    positions, _ = rope_index(inputs["input_ids"], inputs["image_grid_thw"])
+    expected = int(inputs["image_grid_thw"].prod(-1).sum()) // 4
+    assert merged_grid_check(positions[:, 0], inputs["input_ids"][0], inputs["image_grid_thw"]) == expected
+    broken = positions.clone()
+    first_pad = int(torch.nonzero(inputs["input_ids"][0] == IMAGE_TOKEN_ID)[5])
+    broken[1, 0, first_pad] += 1
+    with pytest.raises(ValueError, match="offsets"):
+        merged_grid_check(broken[:, 0], inputs["input_ids"][0], inputs["image_grid_thw"])
+
+
+@pytest.mark.parametrize("config", [course_config(), qwen25vl_3b_config()], ids=["course", "3B"])
+def test_mrope_cos_sin_equal_rotary_embedding(config):
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding
+
+    rotary = Qwen2_5_VLRotaryEmbedding(config.text_config)
+    section = config.text_config.rope_parameters["mrope_section"]
+    head_dim = config.text_config.hidden_size // config.text_config.num_attention_heads
+    torch.testing.assert_close(inverse_frequencies(head_dim), rotary.inv_freq, rtol=0, atol=0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        positions = torch.randint(0, 5000, (3, 2, 17), generator=gen)
+        cos, sin = mrope_cos_sin(positions, rotary.inv_freq, section)
+        ref_cos, ref_sin = rotary(torch.zeros(1), positions)
+        torch.testing.assert_close(cos, ref_cos, rtol=0, atol=0)
+        torch.testing.assert_close(sin, ref_sin, rtol=0, atol=0)
+
+
+def test_pair_axes_of_the_3b():
+    section = qwen25vl_3b_config().text_config.rope_parameters["mrope_section"]
+    assert section == [16, 24, 24]
+    axes = pair_axes(section)
+    assert len(axes) == 64 and (axes[:16] == 0).all() and (axes[16:40] == 1).all() and (axes[40:] == 2).all()
+
+
+def test_generate_uses_rope_deltas(model, processor):
+    inputs = example_inputs(processor, "batch of 3, left padding")
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["position_ids"][-3:].clone()), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=3, do_sample=False, min_new_tokens=3)
+    finally:
+        hook.remove()
+    positions, deltas = rope_index(inputs["input_ids"], inputs["image_grid_thw"], inputs["video_grid_thw"],
+                                   inputs["second_per_grid_ts"], inputs["attention_mask"])
+    assert torch.equal(seen[0], positions)
+    expected = generated_positions(inputs["attention_mask"].sum(-1), deltas, 2)
+    for step, got in enumerate(seen[1:]):
+        assert torch.equal(got, expected[:, step].view(1, -1, 1).expand(3, -1, 1))
+    assert torch.equal(model.model.rope_deltas, deltas)
+
+
+def test_widget_positions_view():
+    view = positions_view()
+    assert view.data["largest"] + 1 - view.data["length"] == view.data["rope_deltas"]
+    ids = synthetic_sequence(view.data["image_grid"], view.data["video_grid"])
+    assert ids.shape[1] == view.data["length"]
+    longer = positions_view(video_seconds=20.0)
+    assert longer.data["largest"] > view.data["largest"]
+
+
+def test_video_plan_and_second_per_grid():
+    plan = video_plan(4.0, 2.0)
+    assert plan["frames"] == 8 and plan["grid_thw"][0] == 4 and plan["second_per_grid_ts"] == 1.0
+    assert video_plan(0.1, 1.0)["frames"] == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    ((torch.tensor([1, 2, 3]),), "expected \\(batch, length\\)"),
+    ((torch.tensor([[IMAGE_TOKEN_ID] * 4]),), "more image runs"),
+    ((torch.tensor([[IMAGE_TOKEN_ID] * 3]), torch.tensor([[1, 4, 4]])), "needs 4"),
+    ((torch.tensor([[1, 2]]), None, None, None, torch.ones(1, 3)), "attention_mask has shape"),
+])
+def test_rope_index_bad_inputs(args, message):
+    with pytest.raises(ValueError, match=message):
+        rope_index(*args)
+
+
+def test_other_bad_inputs():
+    with pytest.raises(ValueError, match="multiples of spatial_merge_size"):
+        vision_positions(0, [1, 3, 4])
+    with pytest.raises(ValueError, match="three non-negative"):
+        pair_axes([16, 24])
+    with pytest.raises(ValueError, match="sums to 3"):
+        mrope_cos_sin(torch.zeros(3, 1, 1, dtype=torch.long), inverse_frequencies(8), [1, 1, 1])
+    with pytest.raises(ValueError, match="must be > 0"):
+        video_plan(0, 2)
+    with pytest.raises(ValueError, match="case="):
+        example_inputs(None, "three videos")
