@@ -1,0 +1,218 @@
+"""helpers.vision (notebook 02): smart_resize against both libraries, the double resize, boxes."""
+
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+from qwen_vl_utils import fetch_image
+from qwen_vl_utils import smart_resize as utils_resize
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize as hf_resize
+
+from helpers import vision
+from helpers.qwen import load_processor
+from helpers.vision import (box_to_original, box_to_resized, compare_with_libraries, double_resize, map_box,
+                            random_resize_cases, resize_plan, smart_resize)
+from helpers.widgets import REGISTRY, render
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    return compare_with_libraries(random_resize_cases(12_000, seed=0))
+
+
+def test_property_sweep_against_both_libraries(sweep):
+    counts = sweep["counts"]
+    compared = counts["agree"] + counts["disagree"]
+    assert compared >= 10_000, counts
+    # The libraries really differ on a few percent of the sweep, and qwen-vl-utils returns zero sides.
+    assert 0.01 < counts["disagree"] / compared < 0.10, counts
+    assert counts["utils_zero_side"] > 0, counts
+    for row in sweep["disagreements"]:
+        assert row["ours"] == row["transformers"] != row["qwen_vl_utils"]
+        height, width, factor = row["case"][:3]
+        # They only differ where a side rounds to 0 (transformers) or is clamped to one factor.
+        assert min(height, width) < factor / 2 or min(row["transformers"]) == factor, row
+    for row in sweep["rejections"]:  # random cases are only rejected for the ratio, by both libraries
+        h, w = row["case"][:2]
+        assert max(h, w) / min(h, w) > 200 and row["qwen_vl_utils"] == row["transformers"] == "ValueError"
+
+
+def test_other_seed_and_default_limits():
+    result = compare_with_libraries([case[:3] + (vision.MIN_PIXELS, vision.MAX_PIXELS)
+                                     for case in random_resize_cases(2_000, seed=1)])
+    assert result["counts"]["cases"] > 2_000
+    for h, w in [(512, 600), (1092, 1568), (4000, 3000), (10, 10), (28, 5600)]:
+        assert smart_resize(h, w) == hf_resize(h, w, 28, vision.MIN_PIXELS, vision.MAX_PIXELS)
+
+
+def test_each_branch_keeps_its_promise():
+    """Round: area within [min, max]. Scale down: area ≤ max unless a side was clamped to one factor.
+    Scale up: area ≥ min (it may exceed max when the budget is narrow: ceil on both sides)."""
+    seen = set()
+    for h, w, f, low, high in random_resize_cases(3_000, seed=2):
+        if max(h, w) / min(h, w) > 200:
+            continue
+        plan = resize_plan(h, w, f, low, high)
+        rh, rw = plan.resized
+        seen.add(plan.branch)
+        assert rh % f == 0 and rw % f == 0 and rh >= f and rw >= f
+        if plan.branch == "round":
+            assert low <= rh * rw <= high and plan.resized == plan.rounded
+        elif plan.branch == "scale down":
+            assert rh * rw <= high or min(rh, rw) == f
+        else:
+            assert rh * rw >= low
+    assert seen == {"round", "scale down", "scale up"}
+
+
+def test_design_worked_examples():
+    assert smart_resize(1000, 500, 28, min_pixels=3136, max_pixels=200704) == (616, 308)
+    plan = resize_plan(1000, 500, 28, 3136, 200704)
+    assert plan.branch == "scale down" and plan.rounded == (1008, 504)
+    plan = resize_plan(1092, 1568, 28, 256 * 28 * 28, 1280 * 28 * 28)
+    assert plan.resized == (812, 1176) and plan.branch == "scale down" and plan.tokens == 29 * 42
+    assert resize_plan(512, 600).branch == "round" and resize_plan(512, 600).resized == (504, 588)
+    small = resize_plan(50, 40, 28, 256 * 784, 1280 * 784)
+    assert small.branch == "scale up" and small.tokens >= 256
+
+
+def test_processor_uses_the_same_size():
+    processor = load_processor(min_pixels=256 * 784, max_pixels=1280 * 784)
+    for h, w in [(1092, 1568), (100, 3000), (700, 90), (512, 600)]:
+        image = Image.new("RGB", (w, h), (120, 30, 200))
+        grid = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0].tolist()
+        assert [grid[1] * 14, grid[2] * 14] == list(smart_resize(h, w, 28, 256 * 784, 1280 * 784))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(height=0, width=10), "height=0"),
+    (dict(height=10, width=-5), "width=-5"),
+    (dict(height=10, width=10, factor=0), "factor=0"),
+    (dict(height=10, width=10, min_pixels=0), "min_pixels=0"),
+    (dict(height=10, width=10, min_pixels=5000, max_pixels=4000), "min_pixels=5000 is larger than max_pixels=4000"),
+    (dict(height=1, width=201), "aspect ratio 201.0 is above 200"),
+    (dict(height=10_000, width=28), "aspect ratio 357.1"),
+])
+def test_bad_sizes_raise_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        smart_resize(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(height=10.5, width=10), dict(height=True, width=10), dict(height="5", width=10)])
+def test_non_integer_sizes_raise_type_error(kwargs):
+    with pytest.raises(TypeError, match="expected an integer"):
+        smart_resize(**kwargs)
+
+
+def test_libraries_do_not_all_reject_what_we_reject():
+    """Documents why ours checks: transformers accepts min > max and a zero min_pixels silently."""
+    assert hf_resize(280, 280, 28, 5000, 4000) == (56, 56)  # below min_pixels, no complaint
+    with pytest.raises(AssertionError):
+        utils_resize(280, 280, 28, 5000, 4000)
+    assert hf_resize(10, 1000, 28, 0, 4000 * 784) == (0, 1008)
+    with pytest.raises(ZeroDivisionError):
+        hf_resize(0, 10)
+
+
+def test_double_resize_matches_fetch_image_then_processor():
+    processor = load_processor(min_pixels=256 * 784, max_pixels=1280 * 784)
+    for h, w in [(1092, 1568), (3000, 4000), (300, 200)]:
+        image = Image.new("RGB", (w, h), (10, 200, 90))
+        fetched = fetch_image({"image": image})  # qwen-vl-utils defaults: 4…16,384 tokens
+        expected = double_resize(h, w, (vision.MIN_PIXELS, vision.MAX_PIXELS), (256 * 784, 1280 * 784))
+        assert fetched.size[::-1] == expected["fetched"]
+        grid = processor.image_processor(images=[fetched], return_tensors="pt")["image_grid_thw"][0].tolist()
+        assert (grid[1] * 14, grid[2] * 14) == expected["processed"]
+    assert double_resize(1092, 1568, (3136, 12845056), (256 * 784, 1280 * 784))["resized_twice"]
+
+
+def test_box_round_trip_sweep():
+    rng = np.random.default_rng(0)
+    for _ in range(2_000):
+        h, w = (int(v) for v in rng.integers(20, 5000, size=2))
+        if max(h, w) / min(h, w) > 200:
+            continue
+        resized = smart_resize(h, w, 28, 4 * 784, int(rng.integers(4, 16384)) * 784)
+        xs, ys = np.sort(rng.uniform(0, w, 2)), np.sort(rng.uniform(0, h, 2))
+        box = (xs[0], ys[0], xs[1], ys[1])
+        back = map_box(map_box(box, (h, w), resized), resized, (h, w))
+        np.testing.assert_allclose(back, box, rtol=0, atol=1e-9 * max(h, w))
+        # Integer targets lose at most half a resized pixel, i.e. half a scale step in the original.
+        approx = box_to_original(box_to_resized(box, (h, w), resized), resized, (h, w))
+        tolerance = 0.5 * max(w / resized[1], h / resized[0]) + 1e-9
+        assert np.max(np.abs(np.array(approx) - box)) <= tolerance
+
+
+def test_box_known_values():
+    assert box_to_resized((0, 0, 600, 512), (512, 600), (504, 588)) == [0, 0, 588, 504]
+    assert box_to_resized((100, 50, 300, 250), (1000, 1000), (500, 2000)) == [200, 25, 600, 125]
+    assert vision.box_to_thousandths((150, 128, 300, 256), (512, 600)) == [250, 250, 500, 500]
+    assert vision.box_iou((0, 0, 2, 2), (1, 1, 3, 3)) == pytest.approx(1 / 7)
+
+
+@pytest.mark.parametrize("box, size, message", [
+    ((10, 10, 5, 20), (100, 100), "0 ≤ x1 ≤ x2 ≤ 100"),
+    ((-1, 0, 5, 5), (100, 100), "0 ≤ x1"),
+    ((0, 0, 5, 101), (100, 100), "y2 ≤ 100"),
+])
+def test_bad_boxes_raise(box, size, message):
+    with pytest.raises(ValueError, match=message):
+        map_box(box, size, (56, 56))
+
+
+def test_bad_box_types_and_sizes():
+    with pytest.raises(TypeError, match="expected \\(x1, y1, x2, y2\\)"):
+        map_box((1, 2, 3), (10, 10), (28, 28))
+    with pytest.raises(TypeError, match="four finite numbers"):
+        map_box((0, 0, float("nan"), 1), (10, 10), (28, 28))
+    with pytest.raises(ValueError, match="to_size\\[0\\] \\(height\\)=0"):
+        map_box((0, 0, 1, 1), (10, 10), (0, 28))
+    with pytest.raises(TypeError, match="expected \\(height, width\\)"):
+        map_box((0, 0, 1, 1), 10, (28, 28))
+
+
+def test_open_image_rejects_unreadable_files(tmp_path):
+    bad = tmp_path / "not_an_image.jpg"
+    bad.write_text("hello")
+    with pytest.raises(ValueError, match="not_an_image.jpg.*cannot be read as an image"):
+        vision.open_image(bad)
+    with pytest.raises(ValueError, match="missing.png"):
+        vision.open_image(tmp_path / "missing.png")
+    with pytest.raises(TypeError, match="expected a PIL image or a path"):
+        vision.open_image(42)
+    assert vision.course_photo().size == (512, 600)  # PIL: (W, H)
+
+
+def test_resize_view_numbers_and_rejection():
+    view = vision.resize_view(height=1092, width=1568, min_tokens=256, max_tokens=1280)
+    assert view.data["resized"] == (812, 1176) and view.data["tokens"] == 1218
+    assert view.data["branch"] == "scale down"
+    assert view.data["distortion"] == pytest.approx((1176 / 812) / (1568 / 1092) - 1)
+    assert "rejected" in vision.resize_view(min_tokens=2000, max_tokens=1000).html
+    assert "aspect ratio" in vision.resize_view(height=10, width=3000).data["error"]
+
+
+def test_box_view_numbers():
+    view = vision.box_view(x=0, y=0, box_width=512, box_height=600, max_tokens=256)
+    assert view.data["bbox_2d"] == [0, 0, *view.data["resized"][::-1]]
+    view = vision.box_view(x=700, y=0, box_width=50, box_height=50)  # clamped into the photo
+    assert view.data["original_box"][0] == 512
+
+
+def test_figures_and_registered_widgets_render():
+    names = [name for name, entry in REGISTRY.items() if entry.notebook == "02_smart_resize"]
+    assert len(names) == 2
+    for name in names:
+        entry = REGISTRY[name]
+        for controls in [entry.defaults] + [{**entry.defaults, **v} for v in entry.variations]:
+            html, _png = render(entry.update(**controls))
+            assert html
+    figure, grid = vision.heatmap_figure(np.arange(28, 400, 28), np.arange(28, 400, 28))
+    assert grid.shape == (14, 14) and np.nanmax(grid) == 14 * 14
+    vision.staircase_figure(np.arange(20, 200))
+
+
+def test_token_grid_marks_rejected_ratios():
+    grid = vision.token_grid([1, 100], [1, 300])
+    assert math.isnan(grid[0, 1]) and grid[1, 1] == vision.visual_tokens(100, 300)
