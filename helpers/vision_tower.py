@@ -426,14 +426,20 @@ def draw_window_map(ax, ids: np.ndarray, merge_pixels: int = 28, image=None, alp
     rgba = _window_colours(ids)
     rgba[..., 3] = np.where(ids < 0, 0.85, alpha if image is not None else 1.0)
     ax.imshow(rgba, extent=extent)
-    pad = np.ma.masked_where(ids >= 0, np.ones_like(ids, dtype=float))
-    ax.pcolor(np.arange(pw + 1) * merge_pixels, np.arange(ph + 1) * merge_pixels, pad,
-              hatch="///", alpha=0.0, shading="flat")
+    from matplotlib.patches import Rectangle
+
+    inside_h, inside_w = int((ids[:, 0] >= 0).sum()), int((ids[0] >= 0).sum())
+    for xy, w, h in (((inside_w * merge_pixels, 0), (pw - inside_w) * merge_pixels, ph * merge_pixels),
+                     ((0, inside_h * merge_pixels), inside_w * merge_pixels, (ph - inside_h) * merge_pixels)):
+        if w > 0 and h > 0:
+            ax.add_patch(Rectangle(xy, w, h, fill=False, hatch="///", edgecolor="white", lw=0))
     if label_windows and ids.max() < 120:
-        for wid in np.unique(ids[ids >= 0]):
-            rows, cols = np.nonzero(ids == wid)
-            ax.text((cols.mean() + 0.5) * merge_pixels, (rows.mean() + 0.5) * merge_pixels, str(wid),
-                    ha="center", va="center", fontsize=6)
+        rows, cols = np.indices(ids.shape)
+        counts = np.bincount(ids[ids >= 0])
+        centre_r = np.bincount(ids[ids >= 0], weights=rows[ids >= 0]) / counts
+        centre_c = np.bincount(ids[ids >= 0], weights=cols[ids >= 0]) / counts
+        for wid, (r, c) in enumerate(zip(centre_r, centre_c)):
+            ax.text((c + 0.5) * merge_pixels, (r + 0.5) * merge_pixels, str(wid), ha="center", va="center", fontsize=6)
     ax.set_xlim(0, pw * merge_pixels)
     ax.set_ylim(ph * merge_pixels, 0)
     ax.grid(False)
@@ -479,17 +485,15 @@ def position_order_figure(grid_h: int, grid_w: int, spatial_merge_size: int = 2,
     """Left: each patch labelled with its row index in ``pixel_values`` (merge-block order), the
     2×2 merge blocks outlined. Right: the h and w position ids along the sequence."""
     ids = vision_position_ids([[1, grid_h, grid_w]], spatial_merge_size)
-    figure, (left, right) = new_figure(2, 1, width=8.5, height=3.3)
+    figure, (left, right) = new_figure(2, 1, width=7.0, height=2.8)
     order = np.empty((grid_h, grid_w), dtype=int)
     order[ids[:, 0].numpy(), ids[:, 1].numpy()] = np.arange(len(ids))
     left.imshow(order // spatial_merge_size ** 2 % 8, cmap="Pastel2")
-    if grid_h * grid_w <= 200:
+    if grid_h * grid_w <= 96:
         for (r, c), k in np.ndenumerate(order):
             left.text(c, r, str(k), ha="center", va="center", fontsize=6)
-    for r in range(0, grid_h + 1, spatial_merge_size):
-        left.axhline(r - 0.5, color="black", lw=0.8)
-    for c in range(0, grid_w + 1, spatial_merge_size):
-        left.axvline(c - 0.5, color="black", lw=0.8)
+    left.hlines(np.arange(0, grid_h + 1, spatial_merge_size) - 0.5, -0.5, grid_w - 0.5, color="black", lw=0.8)
+    left.vlines(np.arange(0, grid_w + 1, spatial_merge_size) - 0.5, -0.5, grid_h - 0.5, color="black", lw=0.8)
     left.set(title="row of pixel_values at each patch", xlabel="w (patch column)", ylabel="h (patch row)")
     left.grid(False)
     right.step(np.arange(len(ids)), ids[:, 0], where="mid", color=COLOURS["text"], label="h id")
@@ -563,8 +567,8 @@ def window_view(height: int = 1092, width: int = 1568, window_size: int = 112,
     text = (f"resized {rh}×{rw} → grid (1, {gh}, {gw}) → merged {gh // 2}×{gw // 2} → padded "
             f"{ids.shape[0]}×{ids.shape[1]}\n{len(cu) - 1} windows: {window_counts_text(cu)} (patch rows each)\n"
             f"full attention costs {ratio:.1f}× the FLOPs of window attention at this size (3B widths)")
-    figure, ax = new_figure(1, 1, width=5.0, height=3.6)
-    draw_window_map(ax, ids, label_windows=ids.size <= 1500)
+    figure, ax = new_figure(1, 1, width=4.6, height=3.3)
+    draw_window_map(ax, ids, label_windows=len(cu) <= 40)
     ax.set(title=f"{len(cu) - 1} windows of ≤ {(window_size // 14) ** 2} patches (grey = padding)")
     return View(text=text, figure=figure, data={"grid": (gh, gw), "windows": len(cu) - 1, "cu_window_seqlens": cu,
                                                  "flops_ratio": ratio})
