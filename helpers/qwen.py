@@ -19,12 +19,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import pickle
 import shutil
 from importlib import resources
 from pathlib import Path
 
 import helpers  # noqa: F401  (sets HF_HUB_OFFLINE before transformers loads)
 
+import tokenizers
 import torch
 import transformers
 from transformers import (
@@ -185,14 +187,18 @@ def bpe_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[
 def build_tokenizer(vocabulary: str | os.PathLike | None = None) -> Qwen2Tokenizer:
     """The Qwen2.5-VL tokenizer, converted from ``qwen.tiktoken`` and cached by the file's hash.
 
-    The first call converts (about 20 s) and saves the result under
-    ``cache_dir()/tokenizer-<sha256 prefix>``; later calls load that folder.
+    The first call converts (a few seconds) and saves the result under
+    ``cache_dir()/tokenizer-<sha256 prefix>-…``: the usual ``tokenizer.json`` files, plus a pickle
+    that loads about twice as fast as ``from_pretrained`` (it skips re-parsing the JSON vocabulary
+    in Python). Later calls load the pickle; each call returns a fresh, independent tokenizer.
     """
     path = Path(vocabulary) if vocabulary else vocabulary_file()
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    folder = cache_dir() / f"tokenizer-{digest}-v{_CONVERTER_VERSION}"
-    if (folder / "tokenizer.json").is_file():
-        return Qwen2Tokenizer.from_pretrained(folder, local_files_only=True)
+    versions = f"transformers{transformers.__version__}-tokenizers{tokenizers.__version__}"
+    folder = cache_dir() / f"tokenizer-{digest}-v{_CONVERTER_VERSION}-{versions}"
+    if (folder / "tokenizer.pkl").is_file():
+        with open(folder / "tokenizer.pkl", "rb") as handle:
+            return pickle.load(handle)
 
     ranks = read_tiktoken_ranks(path)
     if len(ranks) != FIRST_SPECIAL_ID:
@@ -215,6 +221,8 @@ def build_tokenizer(vocabulary: str | os.PathLike | None = None) -> Qwen2Tokeniz
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tokenizer.save_pretrained(staging)
+    with open(staging / "tokenizer.pkl", "wb") as handle:
+        pickle.dump(tokenizer, handle, protocol=pickle.HIGHEST_PROTOCOL)
     try:
         staging.rename(folder)
     except OSError:  # another process finished first: keep its copy
