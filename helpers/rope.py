@@ -359,12 +359,19 @@ def _chat(processor, parts: list[str], question: str) -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
 
 
+#: Per-frame pixel bounds (shortest_edge = min, longest_edge = max) for the example video: its
+#: 112×140 frames stay at their size (4×5 merged tokens per temporal patch) instead of being
+#: upscaled to the video processor's default minimum of 128 tokens per frame.
+EXAMPLE_VIDEO_SIZE = {"shortest_edge": 16 * 28 * 28, "longest_edge": 64 * 28 * 28}
+
+
 def example_inputs(processor, case: str, photo=None, video_fps: float = 2.0):
     """Processor outputs (pt tensors) for one of ``EXAMPLE_CASES``.
 
     ``photo`` is the real image (a PIL image or array; default: a 512×600 synthetic one); the second
     image is a small synthetic one; the video is ``moving_square_video()`` sampled at ``video_fps``
-    (passed as metadata, so ``second_per_grid_ts = 2 / video_fps``). The batch case pads on the left.
+    (passed as metadata, so ``second_per_grid_ts = 2 / video_fps``) with ``EXAMPLE_VIDEO_SIZE``
+    bounds. The batch case pads on the left.
     """
     if case not in EXAMPLE_CASES:
         raise ValueError(f"case={case!r}: expected one of {EXAMPLE_CASES}")
@@ -388,7 +395,8 @@ def example_inputs(processor, case: str, photo=None, video_fps: float = 2.0):
         images, videos = [photo, small], [video]
     else:
         texts, images, videos = rows[case]
-    kwargs = {"videos": videos, "video_metadata": metadata, "cap_pixels_per_frame": False} if videos else {}
+    kwargs = {"videos": videos, "video_metadata": metadata, "cap_pixels_per_frame": False,
+              "videos_kwargs": {"size": EXAMPLE_VIDEO_SIZE}} if videos else {}
     old_side = processor.tokenizer.padding_side
     processor.tokenizer.padding_side = "left"
     try:
