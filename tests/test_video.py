@@ -232,3 +232,19 @@ def test_synthetic_video_rejects_bad_parameters(kwargs, message):
 def test_video_grid_rejects_bad_sizes(args, message):
     with pytest.raises(ValueError, match=message):
         hv.video_grid(*args)
+
+
+@pytest.mark.parametrize("grid_t, second_per_grid_t", [(10, 1.0), (20, 0.5), (40, 0.25), (7, 2 / 24), (12, 2 / 29.97), (5, 0.0)])
+def test_temporal_positions_match_the_model(grid_t, second_per_grid_t):
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+
+    ids = Qwen2_5_VLModel.get_vision_position_ids(None, 0, torch.tensor([grid_t, 2, 2]), 1, 2,
+                                                  time_interval=2 * second_per_grid_t)
+    assert hv.temporal_positions(grid_t, second_per_grid_t) == ids[0].tolist()
+
+
+def test_temporal_positions_reject_bad_values():
+    with pytest.raises(ValueError, match=r"second_per_grid_t=-1.0: expected seconds ≥ 0"):
+        hv.temporal_positions(4, -1.0)
+    with pytest.raises(ValueError, match=r"grid_t=0: expected a positive integer"):
+        hv.temporal_positions(0, 1.0)
