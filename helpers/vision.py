@@ -89,7 +89,7 @@ def resize_plan(height: int, width: int, factor: int = FACTOR, min_pixels: int =
         raise ValueError(f"min_pixels={min_pixels} is larger than max_pixels={max_pixels}; need min_pixels ≤ max_pixels")
     ratio = max(height, width) / min(height, width)
     if ratio > MAX_RATIO:
-        raise ValueError(f"height={height}, width={width}: aspect ratio {ratio:.1f} is above {MAX_RATIO}; "
+        raise ValueError(f"height={height}, width={width}: aspect ratio {ratio:.6g} is above {MAX_RATIO}; "
                          f"accepted: longest side / shortest side ≤ {MAX_RATIO}")
     rounded = (round(height / factor) * factor, round(width / factor) * factor)
     h_bar, w_bar = rounded
@@ -323,6 +323,21 @@ FACE_BOX = (165, 135, 365, 340)
 # ---------------------------------------------------------------------------------------------
 
 
+def _two_panels():
+    """A 7.2×3.0 figure with two image panels and a fixed layout (constrained layout would take
+    most of a widget's 150 ms budget)."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    from helpers.plots import STYLE
+
+    with matplotlib.rc_context(STYLE):
+        figure = Figure(figsize=(7.2, 3.0))
+        axes = figure.subplots(1, 2)
+        figure.subplots_adjust(left=0.07, right=0.99, bottom=0.12, top=0.9, wspace=0.25)
+    return figure, axes
+
+
 def _draw_grid(axis, height: int, width: int, step: int) -> None:
     axis.vlines(np.arange(0, width + 1, step), 0, height, colors="white", linewidths=0.5, alpha=0.8)
     axis.hlines(np.arange(0, height + 1, step), 0, width, colors="white", linewidths=0.5, alpha=0.8)
@@ -332,13 +347,15 @@ def resize_figure(plan: ResizePlan):
     """The photo as an image of plan.height × plan.width (left) and as resized (right), the right
     one with the 28-px grid: one cell = one visual token. Shown from a thumbnail with an extent in
     pixels, so the figure costs the same at any size."""
-    figure, (left, right) = new_figure(2, 1, width=7.2, height=3.0)
+    figure, (left, right) = _two_panels()
     thumb = _photo_thumbnail()
     for axis, (h, w), title in ((left, (plan.height, plan.width), f"original {plan.height}×{plan.width}"),
                                 (right, plan.resized, f"resized {plan.resized[0]}×{plan.resized[1]}")):
-        axis.imshow(thumb, extent=(0, w, h, 0), aspect="equal", interpolation="bilinear")
+        axis.imshow(thumb, extent=(0, w, h, 0), aspect="equal", interpolation="nearest")
         axis.set_xlim(0, w)
         axis.set_ylim(h, 0)
+        axis.set_xticks([0, w])
+        axis.set_yticks([0, h])
         axis.set_title(title)
         axis.grid(False)
     rows, cols = plan.resized[0] // plan.factor, plan.resized[1] // plan.factor
@@ -411,8 +428,10 @@ def heatmap_figure(heights, widths, min_pixels: int = MIN_PIXELS, max_pixels: in
     mesh = axis.pcolormesh(widths, heights, grid, norm=LogNorm(vmin=np.nanmin(grid), vmax=np.nanmax(grid)),
                            cmap="viridis", shading="nearest")
     figure.colorbar(mesh, ax=axis, label="visual tokens")
-    axis.set_xlabel("original width W")
-    axis.set_ylabel("original height H")
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel("original width W (log)")
+    axis.set_ylabel("original height H (log)")
     axis.set_title(f"tokens, budget {min_pixels // 784}…{max_pixels // 784}")
     axis.grid(False)
     return figure, grid
@@ -440,14 +459,16 @@ def box_view(x: int = 165, y: int = 135, box_width: int = 200, box_height: int =
     x, y = min(max(0, x), original[1]), min(max(0, y), original[0])
     box = (x, y, min(original[1], x + max(0, box_width)), min(original[0], y + max(0, box_height)))
     target = box_to_resized(box, original, resized)
-    figure, (left, right) = new_figure(2, 1, width=7.2, height=3.0)
+    figure, (left, right) = _two_panels()
     thumb = _photo_thumbnail()
     for axis, (h, w), b, title in ((left, original, box, f"original {original[0]}×{original[1]}"),
                                    (right, resized, target, f"resized {resized[0]}×{resized[1]}")):
-        axis.imshow(thumb, extent=(0, w, h, 0), interpolation="bilinear")
+        axis.imshow(thumb, extent=(0, w, h, 0), interpolation="nearest")
         axis.set_xlim(0, w)
         axis.set_ylim(h, 0)
         _box_patch(axis, b, COLOURS["loss"])
+        axis.set_xticks([0, w])
+        axis.set_yticks([0, h])
         axis.set_title(title)
         axis.grid(False)
     html = (f"original box {list(box)} → <code>{{\"bbox_2d\": {target}}}</code> in the resized "

@@ -91,8 +91,9 @@ def test_processor_uses_the_same_size():
     (dict(height=10, width=10, factor=0), "factor=0"),
     (dict(height=10, width=10, min_pixels=0), "min_pixels=0"),
     (dict(height=10, width=10, min_pixels=5000, max_pixels=4000), "min_pixels=5000 is larger than max_pixels=4000"),
-    (dict(height=1, width=201), "aspect ratio 201.0 is above 200"),
-    (dict(height=10_000, width=28), "aspect ratio 357.1"),
+    (dict(height=1, width=201), "aspect ratio 201 is above 200"),
+    (dict(height=10_000, width=28), "aspect ratio 357.143 is above 200"),
+    (dict(height=28, width=5601), "aspect ratio 200.036 is above 200"),
 ])
 def test_bad_sizes_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
