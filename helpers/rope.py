@@ -300,13 +300,13 @@ def synthetic_sequence(image_grid=None, video_grid=None, text_before: int = 14, 
     return torch.tensor([ids])
 
 
-_positions_view_defaults = {"image_height": 512, "image_width": 600, "video_seconds": 4.0, "fps": 2.0}
+_positions_view_defaults = {"image_height": 600, "image_width": 512, "video_seconds": 4.0, "fps": 2.0}
 
 
 @register_widget("08_mrope", _positions_view_defaults,
                  [{"image_height": 1400, "image_width": 2000}, {"video_seconds": 20.0, "fps": 4.0},
                   {"image_height": 56, "image_width": 56, "video_seconds": 0.5, "fps": 1.0}])
-def positions_view(image_height: int = 512, image_width: int = 600, video_seconds: float = 4.0, fps: float = 2.0) -> View:
+def positions_view(image_height: int = 600, image_width: int = 512, video_seconds: float = 4.0, fps: float = 2.0) -> View:
     """Positions of a chat with one image (resized as the processor does) and one video sampled at
     ``fps`` (frames of ``WIDGET_VIDEO_SIZE``): the (t, h, w) rows plot and the largest position id."""
     height, width = _resized(int(image_height), int(image_width))
@@ -403,3 +403,53 @@ def example_inputs(processor, case: str, photo=None, video_fps: float = 2.0):
         return processor(text=texts, images=images, padding=True, return_tensors="pt", **kwargs)
     finally:
         processor.tokenizer.padding_side = old_side
+
+
+def cached_decode_logits(model, inputs: dict, new_tokens: int) -> torch.Tensor:
+    """(batch, new_tokens, vocab) logits of a hand-written greedy loop that calls the model itself
+    with a ``DynamicCache`` and no ``position_ids``, as many eval scripts do. The model then fills
+    in the positions of each new token from ``model.model.rope_deltas`` (trap 9)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config.text_config)
+    logits = []
+    with torch.no_grad():
+        out = model(**inputs, cache=cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+        for _ in range(new_tokens - 1):
+            token = logits[-1].argmax(-1, keepdim=True)                 # (batch, 1)
+            logits.append(model(input_ids=token, cache=out.cache, use_cache=True).logits[:, -1])
+    return torch.stack(logits, dim=1)
+
+
+def random_batch(rng) -> dict:
+    """A random padded batch for sweeps: 1–3 rows, each of text runs and 0–3 images or videos with
+    random grids (h, w up to 16 patches, videos up to 5 temporal patches), random
+    ``second_per_grid_ts`` (0.1–5 s, common values favoured), left padding. ``rng``: random.Random."""
+    rows = []
+    for _ in range(rng.randint(1, 3)):
+        ids, images, videos, seconds = [], [], [], []
+        for _ in range(rng.randint(0, 3)):
+            ids += [rng.randint(0, 151000) for _ in range(rng.randint(1, 6))]
+            kind = rng.choice([IMAGE, VIDEO])
+            grid = [1 if kind == IMAGE else rng.randint(1, 5), 2 * rng.randint(1, 8), 2 * rng.randint(1, 8)]
+            pad = IMAGE_TOKEN_ID if kind == IMAGE else VIDEO_TOKEN_ID
+            ids += [VISION_START_ID] + [pad] * (math.prod(grid) // 4) + [VISION_END_ID]
+            (images if kind == IMAGE else videos).append(grid)
+            if kind == VIDEO:
+                seconds.append(rng.choice([0.25, 0.5, 2 / 3, 1.0, 2.0, 4.0, round(rng.uniform(0.1, 5), 3)]))
+        ids += [rng.randint(0, 151000) for _ in range(rng.randint(1, 6))]
+        rows.append((ids, images, videos, seconds))
+    length = max(len(r[0]) for r in rows) + rng.randint(0, 3)
+    input_ids = torch.full((len(rows), length), SPECIAL_TOKENS["<|endoftext|>"])
+    mask = torch.zeros_like(input_ids)
+    for index, (ids, *_rest) in enumerate(rows):
+        input_ids[index, length - len(ids):] = torch.tensor(ids)
+        mask[index, length - len(ids):] = 1
+    images = [g for r in rows for g in r[1]]
+    videos = [g for r in rows for g in r[2]]
+    seconds = [s for r in rows for s in r[3]]
+    return {"input_ids": input_ids, "attention_mask": mask,
+            "image_grid_thw": torch.tensor(images) if images else None,
+            "video_grid_thw": torch.tensor(videos) if videos else None,
+            "second_per_grid_ts": seconds or None}

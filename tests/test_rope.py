@@ -2,17 +2,14 @@
 
 import random
 
-import numpy as np
 import pytest
 import torch
 
 from helpers.qwen import course_config, load_model, load_processor, qwen25vl_3b_config
+from helpers import rope
 from helpers.rope import (
     EXAMPLE_CASES,
     IMAGE_TOKEN_ID,
-    VIDEO_TOKEN_ID,
-    VISION_END_ID,
-    VISION_START_ID,
     example_inputs,
     generated_positions,
     inverse_frequencies,
@@ -57,47 +54,21 @@ def test_rope_index_equals_model_on_processor_inputs(model, processor, case):
         assert (inputs["attention_mask"][:, 0] == 0).any(), "the batch case must really be padded"
 
 
-def random_row(rng: random.Random):
-    """Token ids of one random chat-like row, with its image and video grids and seconds per grid."""
-    ids, images, videos, seconds = [], [], [], []
-    for _ in range(rng.randint(0, 3)):
-        ids += [rng.randint(0, 151000) for _ in range(rng.randint(1, 6))]
-        kind = rng.choice(["image", "video"])
-        t = 1 if kind == "image" else rng.randint(1, 5)
-        grid = [t, 2 * rng.randint(1, 8), 2 * rng.randint(1, 8)]
-        ids += [VISION_START_ID] + [IMAGE_TOKEN_ID if kind == "image" else VIDEO_TOKEN_ID] * (np.prod(grid) // 4) + [VISION_END_ID]
-        (images if kind == "image" else videos).append(grid)
-        if kind == "video":
-            seconds.append(rng.choice([0.25, 0.5, 2 / 3, 1.0, 2.0, 4.0, round(rng.uniform(0.1, 5), 3)]))
-    ids += [rng.randint(0, 151000) for _ in range(rng.randint(1, 6))]
-    return ids, images, videos, seconds
-
-
 def test_rope_index_random_sweep(model):
     rng = random.Random(0)
-    checked = 0
+    unmasked = 0
     for _ in range(SWEEP):
-        rows = [random_row(rng) for _ in range(rng.randint(1, 3))]
-        length = max(len(r[0]) for r in rows) + rng.randint(0, 3)
-        ids = torch.full((len(rows), length), 151643)
-        mask = torch.zeros_like(ids)
-        for index, (row, *_rest) in enumerate(rows):
-            ids[index, length - len(row):] = torch.tensor(row)
-            mask[index, length - len(row):] = 1
-        images = [g for r in rows for g in r[1]]
-        videos = [g for r in rows for g in r[2]]
-        seconds = [s for r in rows for s in r[3]]
-        image_grid = torch.tensor(images) if images else None
-        video_grid = torch.tensor(videos) if videos else None
-        use_mask = mask if rng.random() < 0.8 or not (mask == 0).any() else None
-        if use_mask is None:
-            ids[mask == 0] = 1000  # unpadded run: padding becomes ordinary text
-        mine = rope_index(ids, image_grid, video_grid, seconds or None, use_mask)
-        theirs = reference(model, ids, image_grid, video_grid, seconds or None, use_mask)
+        batch = rope.random_batch(rng)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if rng.random() < 0.2:  # also without a mask: the padding becomes ordinary text
+            ids, mask = ids.masked_fill(mask == 0, 1000), None
+            unmasked += 1
+        args = (batch["image_grid_thw"], batch["video_grid_thw"], batch["second_per_grid_ts"], mask)
+        mine = rope_index(ids, *args)
+        theirs = reference(model, ids, *args)
         torch.testing.assert_close(mine[0], theirs[0], rtol=0, atol=0)
         torch.testing.assert_close(mine[1], theirs[1], rtol=0, atol=0)
-        checked += 1
-    assert checked == SWEEP
+    assert 0 < unmasked < SWEEP
 
 
 def test_vision_positions_equal_model(model):
