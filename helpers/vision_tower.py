@@ -406,6 +406,13 @@ def vision_tower_forward(visual, pixel_values: torch.Tensor, grid_thw, return_st
 # ---------------------------------------------------------------------------------------------
 
 
+def _fixed_layout(figure, axes, **margins) -> None:
+    """Switch a ``new_figure`` to a fixed layout (constrained layout costs tens of ms per render)."""
+    figure.set_layout_engine("none")
+    first = axes[0] if isinstance(axes, (list, tuple, np.ndarray)) else axes
+    first.get_gridspec().update(**margins)
+
+
 def _window_colours(ids: np.ndarray, seed: int = 0) -> np.ndarray:
     """RGBA per cell: a distinct colour per window id, grey for padding (-1)."""
     rng = np.random.default_rng(seed)
@@ -486,6 +493,7 @@ def position_order_figure(grid_h: int, grid_w: int, spatial_merge_size: int = 2,
     2×2 merge blocks outlined. Right: the h and w position ids along the sequence."""
     ids = vision_position_ids([[1, grid_h, grid_w]], spatial_merge_size)
     figure, (left, right) = new_figure(2, 1, width=7.0, height=2.8)
+    _fixed_layout(figure, [left], left=0.07, right=0.98, bottom=0.16, top=0.9, wspace=0.3)
     order = np.empty((grid_h, grid_w), dtype=int)
     order[ids[:, 0].numpy(), ids[:, 1].numpy()] = np.arange(len(ids))
     left.imshow(order // spatial_merge_size ** 2 % 8, cmap="Pastel2")
@@ -499,7 +507,7 @@ def position_order_figure(grid_h: int, grid_w: int, spatial_merge_size: int = 2,
     right.step(np.arange(len(ids)), ids[:, 0], where="mid", color=COLOURS["text"], label="h id")
     right.step(np.arange(len(ids)), ids[:, 1], where="mid", color=COLOURS["loss"], label="w id")
     right.set(xlabel="row of pixel_values (sequence index)", ylabel="position id", title="vision RoPE ids in merge-block order")
-    right.legend(fontsize=7)
+    right.legend(fontsize=7, loc="upper left")
     return figure
 
 
@@ -533,6 +541,7 @@ def patch_embed_view(height: int = 1092, width: int = 1568, frames: int = 1, hid
             f"parameters {cost['params']:,}   FLOPs {cost['flops'] / 1e9:.2f} G\n"
             f"temporal pairs: {pairs}")
     figure, ax = new_figure(1, 1, width=6.0, height=1.4)
+    _fixed_layout(figure, ax, left=0.02, right=0.98, bottom=0.02, top=0.82)
     for slot, frame in enumerate(f for pair in pairs for f in pair):
         repeated = slot >= frames
         ax.add_patch(matplotlib_rectangle((slot, 0), 0.9, 0.9, COLOURS["pad"] if repeated else COLOURS["video"],
@@ -568,6 +577,7 @@ def window_view(height: int = 1092, width: int = 1568, window_size: int = 112,
             f"{ids.shape[0]}×{ids.shape[1]}\n{len(cu) - 1} windows: {window_counts_text(cu)} (patch rows each)\n"
             f"full attention costs {ratio:.1f}× the FLOPs of window attention at this size (3B widths)")
     figure, ax = new_figure(1, 1, width=4.6, height=3.3)
+    _fixed_layout(figure, ax, left=0.12, right=0.97, bottom=0.08, top=0.92)
     draw_window_map(ax, ids, label_windows=len(cu) <= 40)
     ax.set(title=f"{len(cu) - 1} windows of ≤ {(window_size // 14) ** 2} patches (grey = padding)")
     return View(text=text, figure=figure, data={"grid": (gh, gw), "windows": len(cu) - 1, "cu_window_seqlens": cu,

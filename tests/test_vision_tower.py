@@ -147,7 +147,7 @@ def test_window_map_agrees_with_the_permutation():
 
 def test_masked_and_windowed_attention_agree():
     torch.manual_seed(0)
-    for grid in ([[1, 58, 84]], [[2, 20, 28], [1, 8, 8]]):
+    for grid in ([[1, 30, 44]], [[2, 20, 28], [1, 8, 8]]):
         _, cu = vt.window_index(grid, 2, 112, 14)
         n = int(cu[-1])
         q, k, v = torch.randn(3, 4, n, 16).unbind(0)
@@ -182,7 +182,7 @@ def test_rotary_cos_sin_match_the_model(config):
     rotary = Qwen2_5_VLVisionRotaryEmbedding(config)
     head_dim = config.hidden_size // config.num_heads
     torch.testing.assert_close(vt.rotary_inv_freq(head_dim, config.rope_parameters["rope_theta"]), rotary.inv_freq)
-    for grid in random_grids(8, seed=4):
+    for grid in random_grids(5, seed=4):
         ids = vt.vision_position_ids(grid, 2)
         expected = rotary(torch.zeros(1), ids)
         got = vt.rotary_cos_sin(ids, head_dim, config.rope_parameters["rope_theta"])
@@ -223,7 +223,7 @@ def test_vision_tower_matches_the_model_image_video_and_batch(model, processor, 
 def test_vision_tower_other_shapes_sweep():
     config = course_config(vision_hidden=48, vision_depth=5, vision_heads=3, vision_mlp=96, fullatt_block_indexes=(0, 4))
     visual = load_model(config=config, seed=3).model.visual
-    for grid in random_grids(6, seed=5):
+    for grid in random_grids(4, seed=5):
         grid = torch.minimum(grid, torch.tensor([2, 16, 20]))
         rows = torch.randn(int(grid.prod(-1).sum()), 1176)
         assert _tower_max_diff(visual, rows, grid) <= 1e-5, grid.tolist()
