@@ -142,10 +142,12 @@ class Steps:
 
 
 def forward_step_by_step(model, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-                         video_grid_thw=None, second_per_grid_ts=None, attention_mask=None, **_ignored) -> Steps:
+                         video_grid_thw=None, second_per_grid_ts=None, attention_mask=None, last_only: bool = False,
+                         **_ignored) -> Steps:
     """``model(**inputs)`` re-done from the model's weights, keeping each step (mirrors
     ``Qwen2_5_VLForConditionalGeneration.forward`` without a cache). Sequences without padding only:
-    a batch with padding raises ValueError."""
+    a batch with padding raises ValueError. ``last_only``: logits of the last position only (what
+    decoding needs; the model's ``logits_to_keep=1``)."""
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError("forward_step_by_step handles unpadded sequences only; attention_mask has zeros")
     with torch.no_grad():
@@ -162,8 +164,27 @@ def forward_step_by_step(model, input_ids, pixel_values=None, image_grid_thw=Non
                                           spatial_merge_size=vision.spatial_merge_size,
                                           tokens_per_second=vision.tokens_per_second)  # (3, B, L)
         hidden, cache = decoder(model, embeds, position_ids)
-        logits = logits_from_hidden(model, hidden)
+        logits = logits_from_hidden(model, hidden[:, -1:] if last_only else hidden)
     return Steps(token_embeds, image_feats, video_feats, embeds, position_ids, deltas, hidden, logits, cache)
+
+
+def plot_stage_norms(steps: Steps, input_ids: torch.Tensor):
+    """RMS of each token's vector at three stages: the token embeddings, after the scatter (image
+    slots now hold vision features), and the final hidden state; image slots shaded."""
+    figure, ax = new_figure(width=7.5, height=2.8)
+    x = np.arange(input_ids.shape[1])
+    image = (input_ids[0] == IMAGE_TOKEN_ID).numpy()
+    ax.fill_between(x, 0, 1, where=image, transform=ax.get_xaxis_transform(), color=COLOURS["image"], alpha=0.12,
+                    step="mid", linewidth=0, label="<|image_pad|> slots")
+    for tensor, colour, label in ((steps.token_embeds, COLOURS["pad"], "token embeddings"),
+                                  (steps.inputs_embeds, COLOURS["image"], "after the scatter"),
+                                  (steps.hidden, COLOURS["text"], "final hidden (normed)")):
+        ax.plot(x, tensor[0].pow(2).mean(-1).sqrt().numpy(), color=colour, linewidth=1, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("token index")
+    ax.set_ylabel("RMS of the vector")
+    ax.legend(fontsize=8, ncol=2, loc="center right")
+    return figure
 
 
 def greedy_generate(model, inputs: dict, max_new_tokens: int, eos_token_id: int | None = None):
@@ -180,7 +201,7 @@ def greedy_generate(model, inputs: dict, max_new_tokens: int, eos_token_id: int 
         raise ValueError(f"batch of {inputs['input_ids'].shape[0]}: greedy_generate decodes one sequence")
     eos = model.generation_config.eos_token_id if eos_token_id is None else eos_token_id
     eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
-    steps = forward_step_by_step(model, **inputs)
+    steps = forward_step_by_step(model, **inputs, last_only=True)
     cache, length, delta = steps.cache, inputs["input_ids"].shape[1], int(steps.rope_deltas)
     logits = [steps.logits[:, -1]]                                       # (1, vocab) per step
     tokens = [logits[-1].argmax(-1, keepdim=True)]                       # (1, 1) per step
@@ -342,7 +363,7 @@ def plot_memory_vs_image_size(config, weights: int, sides=None, max_pixels: int 
     return figure, {"sides": sides, "tokens": tokens, "kv_gib": kv, "scores_gib": scores}
 
 
-_budget_defaults = {"height": 512, "width": 600, "max_tokens": 16384, "images": 1}
+_budget_defaults = {"height": 600, "width": 512, "max_tokens": 16384, "images": 1}
 _BUDGET_CONFIG = None
 
 
@@ -363,7 +384,7 @@ def _three_b():
 
 @register_widget("09_forward_generate", _budget_defaults,
                  [{"height": 2000, "width": 3000}, {"max_tokens": 256, "images": 4}, {"height": 28, "width": 5000}])
-def budget_view(height: int = 512, width: int = 600, max_tokens: int = 16384, images: int = 1) -> View:
+def budget_view(height: int = 600, width: int = 512, max_tokens: int = 16384, images: int = 1) -> View:
     """The 3B's inference memory for ``images`` images of height×width with ``max_pixels = max_tokens ×
     28²`` (per image): visual tokens, KV cache, eager vision scores, against the bf16 weights."""
     config, weights = _three_b()

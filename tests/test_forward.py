@@ -134,7 +134,7 @@ def test_3b_budget(meta_3b):
 
 def test_budget_widget():
     view = budget_view()
-    assert view.data["tokens"] == visual_tokens(512, 600)
+    assert view.data["tokens"] == visual_tokens(600, 512)
     assert budget_view(max_tokens=256).data["tokens"] <= 256
 
 
