@@ -1,0 +1,249 @@
+"""helpers.sft: the collator's labels, our loss against transformers and TRL, resuming, LoRA and
+freezing counts, checkpoints, bad inputs, and the command line under torchrun (2 CPU processes)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+from helpers import sft
+from helpers.chat import IGNORE_INDEX
+from helpers.data import make_split
+from helpers.qwen import SPECIAL_TOKENS, course_config, parameter_count, qwen25vl_3b_config
+
+transformers.logging.set_verbosity_error()
+ROOT = Path(__file__).resolve().parents[1]
+DATA = {"image_size": 84}
+
+
+@pytest.fixture(scope="module")
+def processor():
+    from helpers.qwen import load_processor
+
+    return load_processor(min_pixels=784, max_pixels=112 * 112)
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return make_split("train", 24, seed=1, **DATA)
+
+
+def tiny_model(seed=0):
+    from helpers.qwen import load_model
+
+    return load_model(config=course_config(text_hidden=64, text_layers=2, text_mlp=128, vision_hidden=32,
+                                           vision_depth=2, vision_mlp=64, fullatt_block_indexes=(1,)), seed=seed)
+
+
+# --- the collator ----------------------------------------------------------------------------
+
+
+def test_labels_are_the_answer_and_im_end_only(processor, samples):
+    batch = sft.SFTCollator(processor)(samples[:9])
+    for row, sample in enumerate(samples[:9]):
+        labelled = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX]
+        assert processor.decode(labelled) == sample.answer + "<|im_end|>"
+    pads = batch["attention_mask"] == 0
+    vision = batch["input_ids"] == SPECIAL_TOKENS["<|image_pad|>"]
+    assert pads.any() and vision.any()
+    assert (batch["labels"][pads | vision] == IGNORE_INDEX).all()
+
+
+def test_collator_matches_trl_prompt_completion_collator(processor, samples):
+    """TRL's own VLM collator (prompt/completion) labels the same tokens, plus the newline after <|im_end|>."""
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    trl = DataCollatorForVisionLanguageModeling(processor=processor, completion_only_loss=True)
+    for lo in (0, 5, 12):
+        chunk = samples[lo:lo + 5]
+        rows = [{"images": [s.image],
+                 "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}],
+                 "completion": [{"role": "assistant", "content": [{"type": "text", "text": s.answer}]}]} for s in chunk]
+        theirs = trl(rows)
+        ours = sft.SFTCollator(processor)(chunk)
+        torch.testing.assert_close(ours["pixel_values"], theirs["pixel_values"])
+        for row in range(len(chunk)):
+            keep = ours["attention_mask"][row].bool()
+            their_keep = theirs["attention_mask"][row].bool()
+            assert ours["input_ids"][row][keep].tolist() == theirs["input_ids"][row][their_keep].tolist()
+            a = ours["labels"][row][keep]
+            b = theirs["labels"][row][their_keep].clone()
+            newline = (b != IGNORE_INDEX).nonzero()[-1]          # TRL also trains the "\n" after <|im_end|>
+            assert int(theirs["input_ids"][row][their_keep][newline]) == 198
+            b[newline] = IGNORE_INDEX
+            assert torch.equal(a, b)
+
+
+# --- the loss: ours == transformers == TRL -----------------------------------------------------
+
+
+@pytest.mark.parametrize("seed, size", [(0, 2), (1, 5), (2, 8)])
+def test_loss_equals_transformers_and_trl(processor, samples, seed, size, tmp_path):
+    model = tiny_model(seed)
+    with torch.no_grad():  # move off the random init so that the losses are not all ≈ log V
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    trainer = sft.trl_trainer(model, processor, samples, steps=1, batch_size=2, output_dir=str(tmp_path))
+    model.train()
+    batch = sft.SFTCollator(processor)(samples[seed:seed + size])
+    with torch.no_grad():
+        ours = sft.labelled_loss(model, batch)
+        theirs = model(**batch).loss
+        trls = trainer.compute_loss(model, dict(batch))
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours, trls, atol=1e-5, rtol=0)
+    # and the gradients agree too
+    grads = []
+    for fn in (sft.labelled_loss, sft.full_logits_loss):
+        model.zero_grad()
+        fn(model, batch).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+
+
+def test_schedule_matches_transformers():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    for warmup, total in ((0, 10), (3, 20), (10, 50)):
+        ref = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr_rate=0.1).lr_lambdas[0]
+        for step in range(total):
+            assert sft.lr_factor(step, total, warmup) == pytest.approx(ref(step), abs=1e-12)
+
+
+# --- training, checkpoints, resume --------------------------------------------------------------
+
+
+def test_resume_continues_the_same_loss_curve(processor, samples, tmp_path):
+    kwargs = dict(steps=6, batch_size=3, grad_accum=2, lr=3e-3, warmup=2, progress=False)
+    straight = sft.train(tiny_model(), processor, samples, **kwargs).history["loss"]
+    first = sft.train(tiny_model(), processor, samples, checkpoint_dir=tmp_path, stop_at=3, **kwargs)
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "optimizer.safetensors").is_file()
+    resumed = sft.train(tiny_model(seed=7), processor, samples, resume_from=tmp_path, **kwargs)
+    assert resumed.history["step"] == [1, 2, 3, 4, 5, 6]
+    torch.testing.assert_close(torch.tensor(resumed.history["loss"]), torch.tensor(straight), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.tensor(first.history["loss"]), torch.tensor(straight[:3]), atol=0, rtol=0)
+    assert straight[-1] < straight[0]
+
+
+def test_checkpoint_loads_with_the_course_loaders(processor, samples, tmp_path):
+    from helpers.qwen import load_model, load_processor
+
+    model = tiny_model()
+    sft.save_checkpoint(tmp_path, model, processor, {"step": 0})
+    batch = sft.SFTCollator(processor)(samples[:3])
+    again = load_model(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(sft.labelled_loss(again, batch), sft.labelled_loss(model, batch), atol=0, rtol=0)
+    assert load_processor(tmp_path).tokenizer.convert_tokens_to_ids("<|im_end|>") == SPECIAL_TOKENS["<|im_end|>"]
+    m, p, state = sft.load_checkpoint(tmp_path, expect_config=model.config)
+    assert state["step"] == 0
+
+
+# --- freezing and LoRA (trap #14) ----------------------------------------------------------------
+
+
+def test_lora_trains_only_the_language_model():
+    model = sft.apply_lora(tiny_model(), r=4)
+    groups = sft.trainable_by_module(model)
+    assert groups["vision: blocks"][0] == groups["vision: merger"][0] == groups["vision: patch embed"][0] == 0
+    assert groups["LM: embeddings (= tied head)"][0] == 0
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    cfg = model.config.get_text_config()
+    d, mlp, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads
+    per_layer = 4 * ((d + d) + (d + kv) * 2 + (d + d)) + 4 * ((d + mlp) * 2 + (mlp + d))
+    assert trainable == groups["other"][0] + groups["LM: decoder layers"][0] == cfg.num_hidden_layers * per_layer
+
+
+def test_bare_module_names_also_hit_the_vision_tower():
+    naive = sft.apply_lora(tiny_model(), r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert sft.trainable_by_module(naive)["vision: blocks"][0] > 0
+    merger = sft.apply_lora(tiny_model(), r=4, train_merger=True)
+    groups = sft.trainable_by_module(merger)
+    assert groups["vision: merger"][0] == 0 and groups["other"][0] > 0  # modules_to_save copies the merger
+
+
+def test_freeze_vision_counts():
+    model = sft.freeze_vision(tiny_model(), train_merger=True)
+    groups = sft.trainable_by_module(model)
+    assert groups["vision: blocks"][0] == 0 and groups["vision: merger"][0] == groups["vision: merger"][1] > 0
+    assert sum(t for t, _ in groups.values()) + sum(
+        p.numel() for n, p in model.named_parameters() if not p.requires_grad) == parameter_count(model)
+
+
+def test_3b_counts_on_meta():
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(qwen25vl_3b_config())
+    groups = sft.trainable_by_module(model)
+    assert sum(total for _, total in groups.values()) == parameter_count(model)
+    assert round(parameter_count(model) / 1e9, 3) == 3.754
+    lora = sft.apply_lora(model, r=16)
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    d, mlp, kv, layers = 2048, 11008, 256, 36
+    assert trainable == layers * 16 * ((d + d) * 2 + (d + kv) * 2 + (d + mlp) * 2 + (mlp + d))
+
+
+# --- bad input --------------------------------------------------------------------------------------
+
+
+def test_truncated_image_tokens_raise(processor, samples):
+    with pytest.raises(ValueError, match=r"<\|image_pad\|> tokens but its image gives 9 features.*trap #6"):
+        sft.SFTCollator(processor, max_length=25)(samples[:2])
+
+
+def test_truncated_answer_raises(processor, samples):
+    items = sft.encode_samples(processor, samples[:3])
+    first_answer_token = min(int((it["labels"] != IGNORE_INDEX).nonzero()[0]) for it in items)
+    with pytest.raises(ValueError, match=r"rows \[0, 1, 2\] have no labelled token: max_length truncated their answer away"):
+        sft.SFTCollator(processor, max_length=first_answer_token)(samples[:3])
+
+
+def test_bad_checkpoint_dirs(processor, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sft.load_checkpoint(tmp_path / "nope")
+    sft.save_checkpoint(tmp_path, tiny_model(), processor)
+    with pytest.raises(ValueError, match=r"from another config: text.hidden_size = 64 there, 128 expected"):
+        sft.load_checkpoint(tmp_path, expect_config=course_config())
+    with pytest.raises(FileNotFoundError, match="cannot be resumed"):
+        sft.train(tiny_model(), processor, make_split("train", 4, **DATA), steps=1, resume_from=tmp_path, progress=False)
+
+
+def test_bad_training_settings(processor):
+    with pytest.raises(ValueError, match="each must be ≥ 1"):
+        sft.train(tiny_model(), processor, [], steps=0)
+    with pytest.raises(ValueError, match="samples is empty"):
+        sft.encode_samples(processor, [])
+    with pytest.raises(ValueError, match="max_length=0"):
+        sft.SFTCollator(processor, max_length=0)
+
+
+# --- evaluation ---------------------------------------------------------------------------------------
+
+
+def test_evaluate_scores_per_task(processor):
+    samples = make_split("val", 6, **DATA)
+    result = sft.evaluate(tiny_model(), processor, samples, batch_size=4)
+    assert set(result) == {s.task for s in samples}
+    assert sum(v["n"] for v in result.values()) == 6
+    assert all(0.0 <= v["score"] <= 1.0 for v in result.values())
+
+
+# --- the command line under torchrun, 2 CPU processes (gloo) -------------------------------------------
+
+
+def test_torchrun_two_processes(tmp_path):
+    out, metrics = tmp_path / "ckpt", tmp_path / "metrics.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "QWENVL_PROFILE": "cpu"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               "-m", "helpers.sft", "--profile", "cpu", "--steps", "3", "--no-eval", "--out", str(out), "--metrics", str(metrics)]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(metrics.read_text())
+    assert result["world"] == 2 and result["steps"] == 3 and len(result["loss"]) == 3
+    assert (out / "model.safetensors").is_file()
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 3
