@@ -2,8 +2,19 @@
 
 Each module names the notebook that teaches it:
 
-- ``helpers.qwen``      00: the offline processor, the course model, the 3B config.
-- ``helpers.profiles``  the cpu / gpu profiles (``QWENVL_PROFILE``).
+- ``helpers.qwen``          00: the offline processor, the course model, the 3B config.
+- ``helpers.chat``          01: conversations, token chips, the loss mask.
+- ``helpers.vision``        02: smart_resize, box mapping, the double resize.
+- ``helpers.video``         03: smart_nframes, the synthetic video.
+- ``helpers.patches``       04: patchify / unpatchify.
+- ``helpers.vision_tower``  05–07: patch embed, window attention, vision RoPE, merger, the tower.
+- ``helpers.rope``          08: M-RoPE position ids (rope_index).
+- ``helpers.forward``       09: the forward pass step by step, greedy decoding, the 3B budget.
+- ``helpers.data``, ``helpers.sft``        10: the shapes task and supervised fine-tuning.
+- ``helpers.rewards``, ``helpers.grpo``    11: verifiable rewards and GRPO.
+- ``helpers.plots``, ``helpers.widgets``   figure style; widget plumbing and registry.
+- ``helpers.profiles``      the cpu / gpu profiles (``QWENVL_PROFILE``).
+- ``helpers.netguard``      the offline guard the tests switch on.
 """
 
 import os as _os

@@ -299,8 +299,7 @@ def load_processor(
     if checkpoint is not None:
         _require_files(checkpoint, "processor", _PROCESSOR_FILES)
         processor = AutoProcessor.from_pretrained(checkpoint, local_files_only=True, **image_limits)
-        if video_size:
-            processor.video_processor.size = {**processor.video_processor.size, **video_size}
+        _set_video_limits(processor.video_processor, video_size)
         return processor
 
     image_processor = Qwen2VLImageProcessor(
@@ -308,14 +307,20 @@ def load_processor(
         max_pixels=image_limits.get("max_pixels", CHECKPOINT_MAX_PIXELS),
     )
     video_processor = Qwen2VLVideoProcessor()
-    if video_size:
-        video_processor.size = {**video_processor.size, **video_size}
+    _set_video_limits(video_processor, video_size)
     return Qwen2_5_VLProcessor(
         image_processor=image_processor,
         tokenizer=build_tokenizer(),
         video_processor=video_processor,
         chat_template=CHAT_TEMPLATE,
     )
+
+
+def _set_video_limits(video_processor, limits: dict) -> None:
+    """Override the video processor's pixel bounds (its ``size`` is a ``SizeDict`` in 5.x)."""
+    if limits:
+        current = {"shortest_edge": video_processor.size.shortest_edge, "longest_edge": video_processor.size.longest_edge}
+        video_processor.size = {**current, **limits}
 
 
 def _check_pixel_limits(low: int | None, high: int | None, prefix: str) -> None:

@@ -221,6 +221,15 @@ def test_load_processor_rejects_bad_limits(kwargs, match):
         qwen.load_processor(**kwargs)
 
 
+def test_video_pixel_limits_take_effect():
+    frames = np.random.default_rng(0).integers(0, 256, (4, 3, 280, 420), dtype=np.uint8)
+    default = qwen.load_processor()
+    small = qwen.load_processor(video_min_pixels=28 * 28 * 4, video_max_pixels=28 * 28 * 16)
+    grids = [p.video_processor(videos=[frames], return_tensors="pt")["video_grid_thw"][0].tolist() for p in (default, small)]
+    assert grids[0] == [2, 20, 30]  # 280×420 fits the default video bounds as it is
+    assert grids[1][1] * grids[1][2] <= 4 * 16  # at most 16 visual tokens per temporal patch
+
+
 def test_course_model_is_seeded_and_tied():
     a, b = qwen.load_model(seed=3), qwen.load_model(seed=3)
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
