@@ -27,7 +27,10 @@ $(STAMP): requirements.txt pyproject.toml
 lab: setup
 	$(VENV)/bin/jupyter lab $(ROOT_FLAG) notebooks/
 
+# The browser suite (tests/browser/: every notebook in JupyterLab in Debian's chromium) runs in the
+# same pytest session, after the unit tests and nbval; chromium comes from apt, never `playwright install`.
 test: setup
+	@test -x /usr/bin/chromium || { apt-get update && apt-get install -y chromium; }
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --durations=15 $(PYTEST_ARGS)
 
 # Re-execute notebooks in place (top to bottom, one kernel), as they are committed: make execute NB=notebooks/00_quickstart.ipynb

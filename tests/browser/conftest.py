@@ -1,0 +1,51 @@
+"""Fixtures of the browser suite: one JupyterLab server and one Chromium for the whole session.
+
+Both are context managers (``labdriver``), so they are stopped when the session ends, also after a
+failing test or Ctrl-C; the server also gets SIGTERM if the pytest process itself dies. Each test
+shuts its kernel down when it ends, so only one kernel runs at a time on the 2 cores.
+
+The suite runs last in ``make test`` (after the unit tests and nbval): the hook below moves its
+tests to the end of the session, whatever order they were collected in.
+
+Environment knobs (all optional):
+- ``COURSE_NOTEBOOK_DIR``: the folder whose ``*.ipynb`` the suite opens (default ``notebooks/``);
+  the server serves its parent folder.
+- ``COURSE_BROWSER_TIMEOUT``: seconds one notebook's Run All may take (default 900).
+- ``COURSE_SCREENSHOTS``: where screenshots go (default ``screenshots/``, ignored by git).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from labdriver import NOTEBOOK_DIR, SCREENSHOTS, LabServer, chromium
+
+BROWSER_DIR = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the browser tests after everything else (unit tests, then nbval, then the browser)."""
+    browser = [item for item in items if BROWSER_DIR in Path(str(item.path)).resolve().parents]
+    if browser:
+        others = [item for item in items if item not in browser]
+        items[:] = others + browser
+
+
+@pytest.fixture(scope="session")
+def lab_server():
+    with LabServer(NOTEBOOK_DIR.parent) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def browser():
+    with chromium() as context:
+        yield context
+
+
+@pytest.fixture(scope="session")
+def screenshots() -> Path:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    return SCREENSHOTS
