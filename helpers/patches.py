@@ -211,7 +211,7 @@ def token_view(index: int = 0) -> View:
     b, top, col = 28, where["block_row"] * 28, where["block_col"] * 28
     left.imshow(photo["picture"])
     left.add_patch(Rectangle((col - 0.5, top - 0.5), b, b, fill=False, ec=COLOURS["highlight"], lw=2.5))
-    left.set_title(f"row {index} on the {grid[1] * 14}×{grid[2] * 14} photo")
+    left.set_title(f"row {index} on the photo (H×W {grid[1] * 14}×{grid[2] * 14})")
     middle.imshow(photo["picture"][top:top + b, col:col + b])  # the 28×28 merge block = one LLM token
     middle.add_patch(Rectangle((where["col"] * 14 - col - 0.5, where["row"] * 14 - top - 0.5), 14, 14,
                                fill=False, ec=COLOURS["loss"], lw=3))
