@@ -28,6 +28,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[2]
 #: The notebooks the suite opens (``COURSE_NOTEBOOK_DIR``; the server serves the folder above it).
@@ -277,6 +278,14 @@ class ControlChange:
     steps: int
     latency_ms: float | None
 
+    @property
+    def text_changed(self) -> bool:
+        return bool(self.before["text"]) and self.after["text"] != self.before["text"]
+
+    @property
+    def image_changed(self) -> bool:
+        return bool(self.before["images"]) and self.after["images"] != self.before["images"] and self.after["loaded"]
+
 
 class Notebook:
     """One notebook open in JupyterLab, in its own page."""
@@ -302,8 +311,8 @@ class Notebook:
     def kernel_name(self) -> str:
         return self.panel.locator(".jp-KernelName").first.text_content().strip()
 
-    def wait_idle(self, timeout: float, *, all_prompts_done: bool = False) -> None:
-        """Until the kernel is idle at two looks 500 ms apart (and, if asked, no cell shows ``[*]``)."""
+    def wait_idle(self, timeout: float, *, all_prompts_done: bool = False, interval_ms: int = 500) -> None:
+        """Until the kernel is idle at two looks ``interval_ms`` apart (and, if asked, no cell shows ``[*]``)."""
         deadline = time.monotonic() + timeout
         idle_looks = 0
         while True:
@@ -315,7 +324,7 @@ class Notebook:
                 raise TimeoutError(
                     f"{self.relpath}: kernel not idle after {timeout:.0f} s (status {self.kernel_status()!r}, "
                     f"prompts {self.prompts()})")
-            self.page.wait_for_timeout(500)
+            self.page.wait_for_timeout(interval_ms)
 
     # -- cells ----------------------------------------------------------------------------------
     def prompts(self) -> list[str]:
@@ -378,24 +387,26 @@ class Notebook:
     def output_state(self, output) -> dict:
         return output.evaluate(_STATE_JS)
 
-    def _control(self, box):
-        """The first control of ``box`` to operate, preferring a slider: (kind, read value, one step)."""
-        slider = box.locator(".widget-slider .noUi-handle")
-        if slider.count():
-            handle = slider.first
-            readout = box.locator(".widget-slider .widget-readout").first
+    def controls(self, box) -> list[tuple[str, Callable[[], str], Callable[[], None]]]:
+        """The controls of ``box`` the suite can operate, sliders first: (kind, read value, one step)."""
+        found = []
+        for n in range(box.locator(".widget-slider").count()):
+            slider = box.locator(".widget-slider").nth(n)
+            handle, readout = slider.locator(".noUi-handle").first, slider.locator(".widget-readout").first
             now, low, high = (float(handle.get_attribute(f"aria-value{k}") or 0) for k in ("now", "min", "max"))
             key = "ArrowLeft" if now - low > high - now else "ArrowRight"  # towards the farther end
 
-            def press():
+            def press(handle=handle, key=key):
                 handle.focus()
                 self.page.keyboard.press(key)
 
-            return f"slider ({key})", lambda: readout.text_content().strip(), press
+            name = (slider.locator(".widget-label").first.text_content() or "").strip()
+            found.append((f"slider {name!r} ({key})", lambda readout=readout: readout.text_content().strip(), press))
         number = box.locator(".widget-inline-hbox input[type=number]")
         if number.count():
             field = number.first
-            step = float(field.get_attribute("step") or 1) if (field.get_attribute("step") or "any") != "any" else 1.0
+            step = field.get_attribute("step") or "any"
+            step = 1.0 if step == "any" else float(step)
             high = field.get_attribute("max")
 
             def bump():
@@ -404,19 +415,19 @@ class Notebook:
                 field.fill(str(int(new)) if new == int(new) else str(new))
                 field.press("Enter")
 
-            return "number field", field.input_value, bump
+            found.append(("number field", field.input_value, bump))
         checkbox = box.locator(".widget-checkbox input[type=checkbox]")
         if checkbox.count():
-            return "checkbox", lambda: str(checkbox.first.is_checked()), checkbox.first.click
+            found.append(("checkbox", lambda: str(checkbox.first.is_checked()), checkbox.first.click))
         dropdown = box.locator(".widget-dropdown select")
         if dropdown.count():
             select = dropdown.first
 
             def next_option():
-                options = select.locator("option").all_text_contents()
-                select.select_option(index=(options.index(select.evaluate("s => s.selectedOptions[0].text")) + 1) % len(options))
+                count = select.locator("option").count()
+                select.select_option(index=(select.evaluate("s => s.selectedIndex") + 1) % count)
 
-            return "dropdown", select.input_value, next_option
+            found.append(("dropdown", select.input_value, next_option))
         text = box.locator(".widget-text input[type=text], .widget-textarea textarea")
         if text.count():
             field = text.first
@@ -425,20 +436,25 @@ class Notebook:
                 field.fill(field.input_value() + " and why?")
                 field.press("Enter")
 
-            return "text field", field.input_value, append
-        raise AssertionError(f"{self.relpath}: a widget box with no control the suite knows how to operate")
+            found.append(("text field", field.input_value, append))
+        return found
 
-    def change_control(self, box, *, max_steps: int = 25, timeout: float = 30.0, measure: bool = False) -> ControlChange:
-        """Operate the first control of ``box`` (a slider if it has one) until its output has changed.
+    def change_control(self, box, *, max_steps: int = 25, timeout: float = 30.0, measure: bool = False,
+                       control: int = 0) -> ControlChange:
+        """Operate one control of ``box`` (``controls(box)[control]``) until its output has changed.
 
         A slider gets one arrow-key press at a time (noUiSlider: focus + ArrowRight/ArrowLeft); after
         each, wait for the value to move and the kernel to go idle, then look at the output (a step
-        may round to the same view, e.g. a side rounded to 28). A checkbox is clicked, a dropdown
-        moves to its next option, a number or text field is edited, once.
+        may round to the same view, e.g. a side rounded to 28); it stops when text and image have
+        both changed, after 5 steps if only one of them has, or after ``max_steps``. A checkbox is clicked, a dropdown moves to its next
+        option, a number or text field is edited, once.
         With ``measure``, the first step is timed in the page: key/click → changed output decoded.
         """
         box.scroll_into_view_if_needed()
-        kind, value, step = self._control(box)
+        controls = self.controls(box)
+        if not controls:
+            raise AssertionError(f"{self.relpath}: a widget with no control the suite knows how to operate")
+        kind, value, step = controls[control]
         output = box.locator("> .widget-output").first
         value_before = value()
         before = self.output_state(output)
@@ -455,7 +471,7 @@ class Notebook:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"{self.relpath}: the {kind} stayed at {previous!r}")
                 self.page.wait_for_timeout(50)
-            self.wait_idle(timeout)
+            self.wait_idle(timeout, interval_ms=150)
             self.page.wait_for_function(
                 "(out) => Array.from(out.querySelectorAll('img')).every(i => i.complete)", arg=output.element_handle(),
                 timeout=timeout * 1000)
@@ -464,4 +480,17 @@ class Notebook:
             image_done = not before["images"] or after["images"] != before["images"]
             if text_done and image_done:
                 break
+            if steps >= 5 and (after["text"] != before["text"] or after["images"] != before["images"]):
+                break  # one part moves and the other has not in 5 steps: it depends on another control
         return ControlChange(kind, value_before, value(), before, after, steps, latency)
+
+    def operate_widget(self, box, **kwargs) -> list[ControlChange]:
+        """Operate the controls of ``box`` in turn (sliders first) until one has changed both its
+        text and its image; returns what each one did."""
+        changes = []
+        for index in range(len(self.controls(box))):
+            change = self.change_control(box, control=index, **kwargs)
+            changes.append(change)
+            if change.text_changed and change.image_changed:
+                break
+        return changes

@@ -7,9 +7,11 @@ For each ``notebooks/*.ipynb`` (new notebooks are picked up by themselves):
 3. every code cell ran, in order (prompts ``[1]`` … ``[N]``), and no cell shows an error output or
    a widget that failed to display;
 4. in every ``show(...)`` widget, move its first slider with the keyboard (noUiSlider: focus +
-   arrow key) and check that the widget's output changed: its text and its image. A widget with
-   no slider gets its first other control operated (checkbox clicked, dropdown's next option,
-   number or text field edited);
+   arrow key) and check that the widget's output changed: its text and its image. A slider that
+   changes only one of them (say, the image depends on another control) is followed by the next
+   control until text and image have both changed. A widget with no slider gets its other
+   controls operated the same way (checkbox clicked, dropdown's next option, number or text
+   field edited);
 5. no cell shows the same widget twice (``show`` displays the box and returns it);
 6. a screenshot of the page (and of the first widget) goes to ``screenshots/``
    (``NN_name-FAILED.png`` when the test failed);
@@ -77,20 +79,22 @@ def test_notebook_in_jupyterlab(path, lab_server, browser, screenshots):
         boxes = notebook.widget_boxes()
         operated = []
         for index in range(boxes.count()):
-            change = notebook.change_control(boxes.nth(index))
-            where = (f"{path.name}, widget {index + 1}: {change.kind} {change.value_before!r} → "
-                     f"{change.value_after!r} in {change.steps} step(s)")
-            assert change.before["text"] or change.before["images"], f"{where}: the widget shows nothing"
-            if change.before["text"]:
-                assert change.after["text"] != change.before["text"], f"{where}: its text did not change"
-            if change.before["images"]:
-                assert change.after["images"] != change.before["images"], f"{where}: its image did not change"
-                assert change.after["loaded"], f"{where}: its new image did not load"
-            assert not notebook.errors(), f"{where}: the update raised:\n{notebook.errors()[-1][-1500:]}"
-            operated.append(change.kind.split()[0])
+            changes = notebook.operate_widget(boxes.nth(index))
+            tried = "; ".join(f"{c.kind} {c.value_before} → {c.value_after} in {c.steps} step(s): text "
+                              f"{'changed' if c.text_changed else 'same'}, image {'changed' if c.image_changed else 'same'}"
+                              for c in changes)
+            where = f"{path.name}, widget {index + 1} ({tried})"
+            first = changes[0]
+            assert first.before["text"] or first.before["images"], f"{where}: the widget shows nothing"
+            if first.before["text"]:
+                assert any(c.text_changed for c in changes), f"{where}: its text never changed"
+            if first.before["images"]:
+                assert any(c.image_changed for c in changes), f"{where}: its image never changed"
+            assert not notebook.errors(), f"{where}: an update raised:\n{notebook.errors()[-1][-1500:]}"
+            operated.append(tried)
             if index == 0:
                 _screenshot(boxes.nth(index), screenshots / f"{path.stem}-widget.png")
-        print(f"{path.name}: {len(prompts)} code cells; widgets operated: {operated or 'none'}")
+        print(f"{path.name}: {len(prompts)} code cells; {len(operated)} widget(s):", *operated, sep="\n  ")
         assert not page_errors, f"{path.name}: uncaught errors in the page: {page_errors}"
         passed = True
     finally:
