@@ -1,0 +1,173 @@
+"""Widget latency: how long a reader waits after moving a control, for every widget in the course.
+
+    .venv/bin/python scripts/widget_latency.py [--repeats 5] [--browser 02_smart_resize]
+                                               [--presses 20] [--markdown docs/performance.md]
+
+1. In this process: import every ``helpers`` module (each registers its widgets in
+   ``helpers.widgets.REGISTRY``); for each widget, render its defaults once (the notebook does that
+   when the cell runs: not timed), then time ``render(update(**controls))`` (the update function and
+   its figure rendered to PNG, exactly what ``show`` does on a change) over its defaults and every
+   variation, ``--repeats`` passes. Median and worst are over all those runs; the first visit of
+   each variation counts (caches that depend on the controls get no free pass).
+2. In the browser (``--browser NOTEBOOK``, '' to skip): JupyterLab in Chromium as in the browser
+   suite, Run All, then ``--presses`` arrow-key presses on the first slider of the first widget,
+   each timed in the page from keydown to the changed output decoded (kernel round trip, update,
+   PNG, widget message, DOM). Presses that leave the output unchanged are not counted.
+
+Targets (DESIGN, helper conventions): median ≤ 150 ms, worst ≤ 400 ms on this 2-core machine.
+The machine is shared, so the load average at the start is printed with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import os
+import pkgutil
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+MEDIAN_TARGET_MS, WORST_TARGET_MS = 150.0, 400.0
+
+os.environ.setdefault("QWENVL_BLOCK_NETWORK", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+sys.path.insert(0, str(REPO))
+
+
+def load_registry() -> dict:
+    """Import every helpers module so that each registers its widgets; return the registry."""
+    import helpers
+    from helpers.widgets import REGISTRY
+
+    for module in pkgutil.walk_packages(helpers.__path__, "helpers."):
+        importlib.import_module(module.name)
+    return REGISTRY
+
+
+def time_widget(widget, repeats: int) -> dict:
+    """Times (ms) of render(update(**controls)) over defaults + variations, ``repeats`` passes."""
+    from helpers.widgets import render
+
+    settings = [dict(widget.defaults)] + [{**widget.defaults, **v} for v in widget.variations]
+    start = time.perf_counter()
+    render(widget.update(**settings[0]))  # what the cell does when it is run: not timed
+    first_render = (time.perf_counter() - start) * 1000
+    times = []
+    for _ in range(repeats):
+        for controls in settings:
+            start = time.perf_counter()
+            render(widget.update(**controls))
+            times.append((time.perf_counter() - start) * 1000)
+    return {"settings": len(settings), "runs": len(times), "median": statistics.median(times),
+            "worst": max(times), "first_render": first_render}
+
+
+def browser_latency(notebook: str, presses: int) -> dict:
+    """Key press → changed output, in JupyterLab in Chromium, on the first slider of ``notebook``."""
+    sys.path.insert(0, str(REPO / "tests" / "browser"))
+    from labdriver import NOTEBOOK_DIR, LabServer, Notebook, chromium
+
+    path = NOTEBOOK_DIR / f"{notebook}.ipynb"
+    with LabServer(NOTEBOOK_DIR.parent) as server, chromium() as context:
+        page = context.new_page()
+        lab = Notebook(page, server, path.relative_to(server.root_dir).as_posix())
+        lab.open()
+        lab.clear_outputs()
+        lab.run_all(900)
+        box = lab.widget_boxes().first
+        kind = lab.controls(box)[0][0]
+        if not kind.startswith("slider"):
+            raise SystemExit(f"{notebook}: its first widget has no slider")
+        samples, unchanged = [], 0
+        for _ in range(presses):
+            change = lab.change_control(box, max_steps=1, timeout=5.0, measure=True)
+            if change.latency_ms is None:
+                unchanged += 1
+            else:
+                samples.append(change.latency_ms)
+        page.close()
+    if not samples:
+        raise SystemExit(f"{notebook}: no press changed the output")
+    return {"notebook": notebook, "control": kind, "presses": presses, "counted": len(samples),
+            "unchanged": unchanged, "median": statistics.median(samples), "worst": max(samples)}
+
+
+def verdict(median: float, worst: float) -> str:
+    return "yes" if median <= MEDIAN_TARGET_MS and worst <= WORST_TARGET_MS else "**no**"
+
+
+def report(rows: list[dict], browser: dict | None, command: str, load: tuple[float, ...]) -> str:
+    lines = [
+        "## Widget latency",
+        "",
+        f"Made with `{command}` on {datetime.date.today().isoformat()}: {os.cpu_count()} CPU cores "
+        f"({platform.machine()}), Python {platform.python_version()}, load average {load[0]:.1f} when it "
+        "started (the machine is shared, so timings are noisy).",
+        "",
+        "Time from a value change to the finished output: the widget's update function plus its figure "
+        f"rendered to PNG, as `helpers.widgets.show` does it. Targets: median ≤ {MEDIAN_TARGET_MS:.0f} ms, "
+        f"worst ≤ {WORST_TARGET_MS:.0f} ms.",
+        "",
+        "| notebook | widget | settings × passes | median (ms) | worst (ms) | first render (ms) | meets target |",
+        "|---|---|---|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['notebook']} | `{row['name']}` | {row['settings']} × {row['runs'] // row['settings']} | "
+                     f"{row['median']:.0f} | {row['worst']:.0f} | {row['first_render']:.0f} | "
+                     f"{verdict(row['median'], row['worst'])} |")
+    if rows:
+        slowest = max(rows, key=lambda r: r["worst"])
+        lines += ["", f"Slowest widget (worst case): `{slowest['name']}` ({slowest['notebook']}), "
+                      f"median {slowest['median']:.0f} ms, worst {slowest['worst']:.0f} ms."]
+    lines += ["", "\"first render\" is the call the notebook makes when the cell runs (cold caches); it is not "
+                  "part of the median or worst."]
+    if browser:
+        lines += [
+            "",
+            f"In the browser ({browser['notebook']}, JupyterLab in Chromium, {browser['control']}): "
+            f"{browser['counted']} arrow-key presses that changed the output (of {browser['presses']}), "
+            f"key press → new output decoded: median {browser['median']:.0f} ms, worst {browser['worst']:.0f} ms "
+            f"(meets target: {verdict(browser['median'], browser['worst'])}). This adds the kernel round trip, "
+            "the widget messages and the page's rendering to the numbers above.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="passes over defaults + variations (default 5)")
+    parser.add_argument("--browser", default="02_smart_resize", help="notebook to time in the browser ('' to skip)")
+    parser.add_argument("--presses", type=int, default=20, help="arrow-key presses timed in the browser")
+    parser.add_argument("--only", default="", help="time only widgets whose name contains this")
+    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    args = parser.parse_args(argv)
+    command = "python scripts/widget_latency.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    load = os.getloadavg()
+
+    registry = load_registry()
+    rows = []
+    for name, widget in sorted(registry.items(), key=lambda item: (item[1].notebook, item[0])):
+        if args.only not in name:
+            continue
+        timing = time_widget(widget, args.repeats)
+        rows.append({"name": name.removeprefix("helpers."), "notebook": widget.notebook, **timing})
+        print(f"{widget.notebook:24s} {name:45s} median {timing['median']:7.1f} ms  worst {timing['worst']:7.1f} ms",
+              flush=True)
+    browser = browser_latency(args.browser, args.presses) if args.browser else None
+    if browser:
+        print(f"browser {browser['notebook']}: median {browser['median']:.1f} ms, worst {browser['worst']:.1f} ms "
+              f"({browser['counted']} of {browser['presses']} presses changed the output)", flush=True)
+    text = report(rows, browser, command, load)
+    print(text)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
