@@ -1,7 +1,8 @@
 """Fixtures of the browser suite: one JupyterLab server and one Chromium for the whole session.
 
 Both are context managers (``labdriver``), so they are stopped when the session ends, also after a
-failing test or Ctrl-C; the server also gets SIGTERM if the pytest process itself dies. Each test
+failing test, Ctrl-C or SIGTERM; the server also gets SIGTERM if the pytest process itself dies
+(even by SIGKILL). Each test
 shuts its kernel down when it ends, so only one kernel runs at a time on the 2 cores.
 
 The suite runs last in ``make test`` (after the unit tests and nbval): the hook below moves its
@@ -16,6 +17,7 @@ Environment knobs (all optional):
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -33,10 +35,19 @@ def pytest_collection_modifyitems(session, config, items):
         items[:] = others + browser
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @pytest.fixture(scope="session")
 def lab_server():
-    with LabServer(NOTEBOOK_DIR.parent) as server:
-        yield server
+    # A CI timeout sends SIGTERM: turn it into Ctrl-C, so pytest still tears the fixtures down.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with LabServer(NOTEBOOK_DIR.parent) as server:
+            yield server
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture(scope="session")
