@@ -343,6 +343,12 @@ class Notebook:
         """Click the notebook's first cell prompt, so that the notebook is JupyterLab's current widget."""
         self.panel.locator(".jp-Cell .jp-InputPrompt").first.click()
 
+    def cell_outputs(self) -> list[list[dict]]:
+        """For each code cell, its outputs as nbformat JSON (from the notebook's model)."""
+        return self.page.evaluate("""() => Array.from(window.jupyterapp.shell.currentWidget.content.model.cells)
+            .filter(c => c.type === 'code')
+            .map(c => Array.from({length: c.outputs.length}, (_, j) => c.outputs.get(j).toJSON()))""")
+
     def widget_views(self) -> list[list[str]]:
         """For each code cell, the model ids of the widgets its outputs display."""
         return self.page.evaluate(_WIDGET_VIEWS_JS)

@@ -4,8 +4,9 @@ For each ``notebooks/*.ipynb`` (new notebooks are picked up by themselves):
 
 1. open it in JupyterLab with the course kernel (its kernelspec, not a fallback);
 2. Edit > Clear Outputs of All Cells, then Run > Run All Cells, and wait for the kernel;
-3. every code cell ran, in order (prompts ``[1]`` … ``[N]``), and no cell shows an error output or
-   a widget that failed to display;
+3. every code cell ran, in order (prompts ``[1]`` … ``[N]``), no cell shows an error output or
+   a widget that failed to display, and each ``# NBVAL_CHECK_OUTPUT`` cell printed what the
+   committed notebook shows (as nbval checks it);
 4. in every ``show(...)`` widget, move its first slider with the keyboard (noUiSlider: focus +
    arrow key) and check that the widget's output changed: its text and its image. A slider that
    changes only one of them (say, the image depends on another control) is followed by the next
@@ -31,6 +32,19 @@ from labdriver import NOTEBOOK_DIR, Notebook
 
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 RUN_TIMEOUT = float(os.environ.get("COURSE_BROWSER_TIMEOUT", "900"))
+
+
+def _printed(outputs: list[dict]) -> str:
+    """What nbval compares in a ``# NBVAL_CHECK_OUTPUT`` cell: printed text and text/plain results."""
+    parts = []
+    for output in outputs:
+        if output.get("output_type") == "stream" and output.get("name") == "stdout":
+            parts.append("".join(output.get("text", "")))
+        elif output.get("output_type") in ("execute_result", "display_data"):
+            plain = output.get("data", {}).get("text/plain")
+            if plain is not None and not any(k.startswith("application/vnd.jupyter.widget") for k in output["data"]):
+                parts.append("".join(plain))
+    return "".join(parts).strip()
 
 
 def _screenshot(target, path) -> None:
@@ -70,6 +84,11 @@ def test_notebook_in_jupyterlab(path, lab_server, browser, screenshots):
         errors = notebook.errors()
         assert not errors, f"{path.name}: {len(errors)} cell(s) show an error:\n" + "\n---\n".join(e[-1500:] for e in errors)
         assert counts == list(range(1, len(prompts) + 1)), f"{path.name}: not every cell ran in order: {prompts}"
+        committed = [c for c in nbformat.reads(on_disk.decode(), as_version=4).cells if c.cell_type == "code"]
+        for number, (cell, outputs) in enumerate(zip(committed, notebook.cell_outputs()), 1):
+            if "NBVAL_CHECK_OUTPUT" in cell.source:
+                assert _printed(outputs) == _printed(cell.outputs), (
+                    f"{path.name}: code cell {number} (# NBVAL_CHECK_OUTPUT) printed something else than the committed notebook")
         broken = notebook.panel.get_by_text("Error displaying widget")
         assert broken.count() == 0, f"{path.name}: a widget failed to display"
         twice = [n for n, ids in enumerate(notebook.widget_views(), 1) if len(ids) != len(set(ids))]
