@@ -39,6 +39,7 @@ CHROMIUM = os.environ.get("COURSE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--no-proxy-server",  # the server is on loopback; ignore any proxy in the environment
 ]
 VIEWPORT = {"width": 1280, "height": 1000}
 
@@ -49,6 +50,7 @@ USER_SETTINGS = {
 }
 
 PANEL = ".jp-NotebookPanel:visible"
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
 _WIDGET_VIEWS_JS = r"""() => {
   const cells = [];
   for (const cell of window.jupyterapp.shell.currentWidget.content.model.cells) {
@@ -184,7 +186,7 @@ class LabServer:
     # -- REST -----------------------------------------------------------------------------------
     def api(self, method: str, path: str, timeout: float = 10.0):
         request = urllib.request.Request(self.url + path, method=method)
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with _DIRECT.open(request, timeout=timeout) as response:
             body = response.read()
         return json.loads(body) if body else None
 
