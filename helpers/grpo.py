@@ -127,14 +127,26 @@ def _unwrap(model):
 
 
 @torch.no_grad()
+def _rows(batch: dict, rows: list[int]) -> dict:
+    """The sub-batch of ``rows`` (their pixel rows too: ``grid_t·grid_h·grid_w`` patches per image)."""
+    patches = batch["image_grid_thw"].prod(-1)
+    offsets = torch.cat([patches.new_zeros(1), patches.cumsum(0)]).tolist()
+    pixels = torch.cat([batch["pixel_values"][offsets[r]:offsets[r + 1]] for r in rows])
+    index = torch.tensor(rows, device=batch["input_ids"].device)
+    return {k: (pixels if k == "pixel_values" else v[index]) for k, v in batch.items()}
+
+
+@torch.no_grad()
 def sample_completions(model, processor, samples: Sequence, num_generations: int = 4, temperature: float = 1.0,
                        max_new_tokens: int = 40, greedy: bool = False, seed: int | None = None,
-                       bf16: bool | None = None) -> Rollout:
+                       bf16: bool | None = None, bucket_by_task: bool = False) -> Rollout:
     """Roll out ``num_generations`` completions per sample (``model.generate``, left padding).
 
     Sampling is plain multinomial at ``temperature`` (no top-k / top-p: TRL's defaults), or greedy
     when ``greedy`` (then use ``num_generations=1``). Groups are consecutive rows. On a GPU the
-    forward passes run under bf16 autocast unless ``bf16=False``.
+    forward passes run under bf16 autocast unless ``bf16=False``. ``bucket_by_task`` runs one
+    ``generate`` per task, so two-token answers (count, attribute) do not wait for the 30-token
+    boxes: cheaper on a CPU, where each decoding step costs in proportion to the rows.
     """
     if num_generations < 1:
         raise ValueError(f"num_generations={num_generations}: expected ≥ 1")
@@ -146,25 +158,36 @@ def sample_completions(model, processor, samples: Sequence, num_generations: int
     device = next(net.parameters()).device
     repeated = [s for s in samples for _ in range(num_generations)]
     batch = encode_prompts(processor, repeated, device)
+    buckets = {}
+    for row, sample in enumerate(repeated):
+        buckets.setdefault(sample.task if bucket_by_task else "all", []).append(row)
     if seed is not None:
         torch.manual_seed(seed)
     was_training = net.training
     net.eval()
-    start = time.perf_counter()
     sampling = {} if greedy else dict(temperature=temperature, top_k=0, top_p=1.0)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and bf16 is not False):
-        output = net.generate(**batch, max_new_tokens=max_new_tokens, do_sample=not greedy, pad_token_id=PAD,
-                              eos_token_id=list(EOS_IDS), **sampling)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    pieces, seconds = {}, 0.0
+    for rows in buckets.values():
+        part = batch if len(buckets) == 1 else _rows(batch, rows)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and bf16 is not False):
+            output = net.generate(**part, max_new_tokens=max_new_tokens, do_sample=not greedy, pad_token_id=PAD,
+                                  eos_token_id=list(EOS_IDS), **sampling)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - start
+        pieces[tuple(rows)] = output[:, batch["input_ids"].size(1):]
     net.train(was_training)
-    completion = output[:, batch["input_ids"].size(1):]
-    if completion.size(1) == 0:  # nothing generated at all: keep one pad column so shapes stay valid
-        completion = torch.full((output.size(0), 1), PAD, device=device)
+    width = max(1, max(p.size(1) for p in pieces.values()))  # ≥ 1 column so shapes stay valid
+    completion = torch.full((len(repeated), width), PAD, dtype=batch["input_ids"].dtype, device=device)
+    for rows, piece in pieces.items():
+        completion[list(rows), :piece.size(1)] = piece
     mask = completion_mask_after_eos(completion)
+    if bucket_by_task:  # columns a bucket never generated are padding, not tokens
+        for rows, piece in pieces.items():
+            mask[list(rows), piece.size(1):] = 0
     completion = torch.where(mask.bool(), completion, torch.full_like(completion, PAD))
-    texts = processor.tokenizer.batch_decode(completion * mask + PAD * (1 - mask), skip_special_tokens=True)
+    texts = processor.tokenizer.batch_decode(completion, skip_special_tokens=True)
     return Rollout(batch["input_ids"], batch["attention_mask"], completion, mask, batch["pixel_values"],
                    batch["image_grid_thw"], batch["mm_token_type_ids"], repeated, texts, num_generations, seconds)
 
@@ -299,7 +322,8 @@ def evaluate(model, processor, samples: Sequence, batch_size: int = 32, max_new_
     predictions = []
     for start in tqdm(range(0, len(samples), batch_size), desc="evaluate", disable=not progress, leave=False):
         chunk = samples[start:start + batch_size]
-        predictions += sample_completions(model, processor, chunk, 1, max_new_tokens=max_new_tokens, greedy=True).texts
+        predictions += sample_completions(model, processor, chunk, 1, max_new_tokens=max_new_tokens, greedy=True,
+                                          bucket_by_task=True).texts
     return summarise(samples, predictions)
 
 
@@ -353,7 +377,8 @@ def grpo_step(model, ref_model, processor, optimizer, samples: Sequence, cfg: di
     gradient steps of the clipped loss. Returns (logged numbers, the rollout, its advantages)."""
     start = time.perf_counter()
     G, T = cfg["num_generations"], cfg["temperature"]
-    rollout = sample_completions(model, processor, samples, G, T, cfg["max_new_tokens"], seed=seed, bf16=cfg.get("bf16"))
+    rollout = sample_completions(model, processor, samples, G, T, cfg["max_new_tokens"], seed=seed, bf16=cfg.get("bf16"),
+                                 bucket_by_task=cfg.get("bucket_by_task", False))
     rewards = compute_rewards(rollout.texts, rollout.tasks, rollout.targets, cfg["reward_weights"])
     advantages = group_advantages(rewards["total"], G, cfg.get("scale_rewards", "group")).to(rollout.prompt_ids.device)
     beta, iterations = cfg["beta"], cfg.get("num_iterations", 1)
@@ -738,7 +763,7 @@ def rollout_view(step: int = 0, prompt: int = 0, store: list | None = None) -> V
 # Command line: python -m helpers.grpo --profile gpu --out DIR [--sft DIR]
 # ---------------------------------------------------------------------------------------------
 
-SMOKE = dict(n_prompts=8, n_eval=3, steps=2, prompts_per_step=2, num_generations=2, max_new_tokens=40, max_seconds=None)
+SMOKE = dict(n_prompts=8, n_eval=3, steps=2, prompts_per_step=2, num_generations=2, max_new_tokens=8, max_seconds=None)
 
 
 def _init_distributed() -> tuple[int, int]:
@@ -782,7 +807,8 @@ def run(profile: str | None = None, out=None, sft_dir=None, seeds=None, steps=No
     model, processor = load_start(start, device)
     metrics = {"profile": profile, "settings": {k: v for k, v in cfg.items()}, "seeds": seeds, "world": world,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "sft": {split: _scores(evaluate(model, processor, s)) for split, s in evals.items()}, "runs": {}}
+               "sft": {split: _scores(evaluate(model, processor, s, cfg["eval_batch_size"])) for split, s in evals.items()},
+               "runs": {}}
     say(f"SFT: {json.dumps(metrics['sft'])}")
     histories = {}
     for seed in seeds:
@@ -792,7 +818,7 @@ def run(profile: str | None = None, out=None, sft_dir=None, seeds=None, steps=No
         t0 = time.perf_counter()
         history = train(model, processor, prompts, cfg, seed=seed, progress=rank == 0, max_seconds=cfg.get("max_seconds"))
         seconds = time.perf_counter() - t0
-        after = {split: _scores(evaluate(_unwrap(model), processor, s)) for split, s in evals.items()}
+        after = {split: _scores(evaluate(_unwrap(model), processor, s, cfg["eval_batch_size"])) for split, s in evals.items()}
         histories[f"seed {seed}"] = history
         metrics["runs"][str(seed)] = {"steps": len(history), "train_seconds": seconds, "eval": after,
                                       "history": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items()} for h in history]}

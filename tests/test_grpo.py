@@ -237,3 +237,13 @@ def test_cli_runs_under_torchrun_with_two_processes(setup, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     saved = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert saved["world"] == 2 and saved["runs"]["0"]["steps"] == 1
+
+
+def test_bucketing_by_task_gives_the_same_greedy_answers(setup):
+    model, processor = setup["model"], setup["processor"]
+    samples = make_split("train", 6, seed=3, image_size=84)
+    assert len({s.task for s in samples}) > 1
+    plain = grpo.sample_completions(model, processor, samples, 1, max_new_tokens=6, greedy=True)
+    bucketed = grpo.sample_completions(model, processor, samples, 1, max_new_tokens=6, greedy=True, bucket_by_task=True)
+    assert bucketed.texts == plain.texts
+    assert torch.equal(bucketed.completion_mask.sum(1), plain.completion_mask.sum(1))
