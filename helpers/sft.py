@@ -47,6 +47,7 @@ from helpers.chat import IGNORE_INDEX, assistant_loss_mask, labels_from_mask
 from helpers.data import Sample, make_sample, make_split, sample_messages
 from helpers.profiles import settings
 from helpers.qwen import SPECIAL_TOKENS, course_config, load_model, load_processor, parameter_count
+from helpers.widgets import View, register_widget
 
 IMAGE_PAD = SPECIAL_TOKENS["<|image_pad|>"]
 PAD_ID = SPECIAL_TOKENS["<|endoftext|>"]
@@ -368,7 +369,8 @@ def _dist():
 def train(model, processor, data, *, steps: int, batch_size: int = 8, grad_accum: int = 1, lr: float = 1e-3,
           warmup: int = 10, weight_decay: float = 0.0, clip: float = 1.0, seed: int = 0, device=None,
           bf16: bool | None = None, num_workers: int = 0, checkpoint_dir=None, save_every: int = 0,
-          resume_from=None, stop_at: int | None = None, progress: bool = True, log: list | None = None) -> TrainResult:
+          resume_from=None, stop_at: int | None = None, progress: bool = True, log: list | None = None,
+          max_seconds: float | None = None) -> TrainResult:
     """Train ``model`` on ``data`` (a list of Samples or a ``ShapesStream``) for ``steps`` optimiser steps.
 
     One step = ``grad_accum`` micro-batches of ``batch_size`` samples per process. The loss of a step
@@ -376,6 +378,8 @@ def train(model, processor, data, *, steps: int, batch_size: int = 8, grad_accum
     count, as transformers does with ``num_items_in_batch``). ``resume_from`` continues a checkpoint
     saved by this function (weights, AdamW moments, step, history). ``stop_at`` ends early at that
     step (the schedule still spans ``steps``), which is how the resume test splits one run in two.
+    ``max_seconds`` caps the run's length: after 20 steps the step time is measured and ``steps``
+    (hence the cosine schedule) is shortened so that training ends within that many seconds.
     """
     if steps < 1 or batch_size < 1 or grad_accum < 1:
         raise ValueError(f"steps={steps}, batch_size={batch_size}, grad_accum={grad_accum}: each must be ≥ 1")
@@ -407,9 +411,10 @@ def train(model, processor, data, *, steps: int, batch_size: int = 8, grad_accum
     batches = iter(loader)
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(start, stop), desc="SFT", disable=not progress or rank != 0, mininterval=1.0)
+    bar = tqdm(total=stop - start, desc="SFT", disable=not progress or rank != 0, mininterval=1.0)
     clock = time.perf_counter()
-    for step in bar:
+    step = start
+    while step < stop:
         micro = [{k: v.to(device, non_blocking=True) for k, v in next(batches).items()} for _ in range(grad_accum)]
         count = torch.tensor(float(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)), device=device)
         tokens = torch.tensor(float(sum(int(b["attention_mask"].sum()) for b in micro)), device=device)
@@ -441,8 +446,16 @@ def train(model, processor, data, *, steps: int, batch_size: int = 8, grad_accum
             if log is not None:
                 log.append(f"step {step + 1} loss {history['loss'][-1]:.4f} lr {history['lr'][-1]:.2e}")
         done = step + 1
+        if max_seconds and done - start == 20 and world == 1:  # fit the run into max_seconds
+            elapsed = time.perf_counter() - clock
+            per_step = (elapsed - history["seconds"][0]) / 19  # the first step pays for warm-up
+            steps = stop = max(done, min(stop, done + int((max_seconds - elapsed) / per_step)))
+            bar.total = stop - start
+        step = done
+        bar.update(1)
         if checkpoint_dir is not None and rank == 0 and (done == stop or (save_every and done % save_every == 0)):
             save_checkpoint(checkpoint_dir, model, processor, {"step": done, "history": history, "steps": steps}, optimizer)
+    bar.close()
     model.eval()
     state = {"step": stop, "steps": steps, "world": world}
     return TrainResult(model, history, state, optimizer)
@@ -559,7 +572,7 @@ def trl_trainer(model, processor, data, *, steps: int, batch_size: int = 8, lr: 
                      adam_beta2=0.95, max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none",
                      remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
                      bf16=bf16, use_cpu=not torch.cuda.is_available(), seed=seed, data_seed=seed,
-                     disable_tqdm=True, dataloader_num_workers=0, **extra)
+                     disable_tqdm=True, **{"dataloader_num_workers": 0, **extra})
     from datasets import Dataset
 
     from transformers import PrinterCallback
@@ -578,17 +591,23 @@ def trl_trainer(model, processor, data, *, steps: int, batch_size: int = 8, lr: 
 
 def model_for_profile(profile: str | None = None, device="cpu"):
     """(model, processor) as the profile says: ``$QWENVL_MODEL`` if set, else the course model
-    built from ``course_config(**settings('sft')['model'])``; images limited to the profile's size."""
+    built from ``course_config(**settings('sft')['model'])``; images limited to the profile's size.
+    With ``freeze_embeddings`` the tied embedding / LM head (19.4 M of the course model's 20 M
+    parameters) stays fixed: the cpu profile's AdamW then updates 0.6 M numbers instead of 20 M."""
     s = settings("sft", profile)
     side = s["data"]["image_size"]
-    processor = load_processor(min_pixels=28 * 28, max_pixels=side * side) if not os.environ.get("QWENVL_MODEL") else load_processor()
-    model = load_model(config=course_config(**s["model"]), seed=s["seed"], device=device)
+    checkpoint = os.environ.get("QWENVL_MODEL")
+    processor = load_processor(min_pixels=28 * 28, max_pixels=side * side)
+    model = load_model(checkpoint, config=None if checkpoint else course_config(**s["model"]), seed=s["seed"], device=device)
+    if s.get("freeze_embeddings"):
+        unwrap(model).get_input_embeddings().weight.requires_grad_(False)
     return model, processor
 
 
 def run_profile(profile: str | None = None, out=None, steps: int | None = None, progress: bool = True,
-                evaluate_splits: bool = True, log: list | None = None) -> dict:
-    """Train as the profile says, save to ``out``, evaluate before/after; returns a metrics dict."""
+                evaluate_splits: bool = True, log: list | None = None, examples: int = 0) -> dict:
+    """Train as the profile says, save to ``out``, evaluate before/after on val/test/ood; returns a
+    metrics dict (``examples`` > 0 keeps that many test and ood samples with their predictions)."""
     s = settings("sft", profile)
     steps = steps or s["steps"]
     rank, world = _dist()
@@ -601,16 +620,25 @@ def run_profile(profile: str | None = None, out=None, steps: int | None = None, 
     t0 = time.perf_counter()
     result = train(model, processor, data, steps=steps, batch_size=s["batch_size"], grad_accum=s["grad_accum"],
                    lr=s["lr"], warmup=s["warmup"], seed=s["seed"], num_workers=s["num_workers"] if device == "cuda" else 0,
-                   checkpoint_dir=out, progress=progress, log=log)
+                   checkpoint_dir=out, progress=progress, log=log, max_seconds=s.get("max_seconds"))
     seconds = time.perf_counter() - t0
-    after = {split: _summary(evaluate(result.model, processor, smp)) for split, smp in evals.items()}
+    after_full = {split: evaluate(result.model, processor, smp) for split, smp in evals.items()}
     h = result.history
-    return {"profile": s, "steps": steps, "world": world, "train_seconds": seconds,
-            "tokens_per_second": sum(h["tokens"]) / max(h["seconds"][-1], 1e-9),
-            "parameters": parameter_count(unwrap(model)), "before": before, "after": after,
-            "loss": h["loss"], "history": h}
-
-
+    shown = {}
+    for split in ("test", "ood"):
+        if examples and split in evals:
+            picked = [i for task in ("count", "attribute", "grounding") for i in [j for j, x in enumerate(evals[split]) if x.task == task][:examples]]
+            preds = {task: iter(v["predictions"]) for task, v in after_full[split].items()}
+            answers = [None] * len(evals[split])
+            for j, x in enumerate(evals[split]):
+                answers[j] = next(preds[x.task])
+            shown[split] = [(evals[split][j], answers[j]) for j in picked]
+    return {"profile": s, "steps": result.state["step"], "world": world, "train_seconds": seconds,
+            "tokens_per_second": sum(h["tokens"]) / max(h["seconds"][-1], 1e-9) if h["seconds"] else 0.0,
+            "parameters": parameter_count(unwrap(model)),
+            "trainable": sum(p.numel() for p in unwrap(model).parameters() if p.requires_grad),
+            "before": before, "after": {split: _summary(v) for split, v in after_full.items()},
+            "loss": h["loss"], "history": h, "examples": shown, "model": result.model, "processor": processor}
 def _summary(result: dict) -> dict:
     return {task: round(v["score"], 4) for task, v in result.items()}
 
@@ -622,6 +650,343 @@ def quick_checkpoint(directory, profile: str = "cpu", steps: int | None = None) 
     return Path(directory)
 
 
+# ---------------------------------------------------------------------------------------------
+# Pictures
+# ---------------------------------------------------------------------------------------------
+
+TOKEN_KINDS = ("system / user text", "special", "vision", "answer (labelled)", "padding")
+
+
+def token_kinds(batch: dict) -> torch.Tensor:
+    """Per token: 0 text, 1 special, 2 vision, 3 labelled, 4 padding (what the batch picture colours)."""
+    ids = batch["input_ids"]
+    kind = torch.zeros_like(ids)
+    kind[ids >= SPECIAL_TOKENS["<|endoftext|>"]] = 1
+    kind[(ids == IMAGE_PAD) | (ids == SPECIAL_TOKENS["<|video_pad|>"])] = 2
+    kind[batch["labels"] != IGNORE_INDEX] = 3
+    kind[batch["attention_mask"] == 0] = 4
+    return kind
+
+
+def plot_batch(batch: dict, processor=None, width: float = 9.0):
+    """A real batch as a picture: one row per sample, one cell per token, coloured by ``token_kinds``."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    from helpers.plots import COLOURS, new_figure
+
+    colours = [COLOURS["text"], COLOURS["special"], COLOURS["image"], COLOURS["loss"], "#dddddd"]
+    kinds = token_kinds(batch)
+    figure, ax = new_figure(width=width, height=0.9 + 0.28 * len(kinds))
+    ax.imshow(kinds.numpy(), cmap=ListedColormap(colours), vmin=0, vmax=4, aspect="auto")
+    ax.set_xlabel("token position")
+    ax.set_ylabel("sample")
+    ax.grid(False)
+    ax.set_yticks(range(len(kinds)))
+    ax.legend(handles=[Patch(color=c, label=k) for c, k in zip(colours, TOKEN_KINDS)], ncols=5,
+              loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(kinds) > 4 else -0.45), fontsize=8)
+    return figure
+
+
+def plot_training(history: dict, after: dict | None = None, title: str = "SFT", smooth: int = 10):
+    """Loss per step (and its running mean) and the learning rate; final scores in the title."""
+    from helpers.plots import COLOURS, new_figure
+
+    figure, (ax, ax_lr) = new_figure(2, 1, width=9, height=3.2)
+    steps, loss = history["step"], torch.tensor(history["loss"])
+    ax.plot(steps, loss, color=COLOURS["loss"], alpha=0.35, lw=0.8, label="loss per step")
+    if len(loss) >= smooth:
+        running = loss.unfold(0, smooth, 1).mean(-1)
+        ax.plot(steps[smooth - 1:], running, color=COLOURS["loss"], label=f"mean of {smooth}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (labelled tokens)")
+    ax.legend()
+    ax.set_title(title)
+    ax_lr.plot(steps, history["lr"], color=COLOURS["accent"])
+    ax_lr.set_xlabel("step")
+    ax_lr.set_ylabel("learning rate")
+    if after:
+        ax_lr.set_title("after: " + "; ".join(f"{split} " + ", ".join(f"{t} {v:.2f}" for t, v in scores.items())
+                                            for split, scores in after.items() if split != "val"), fontsize=7)
+    return figure
+
+
+def plot_predictions(pairs: list, ncols: int = 6, size: float = 1.6):
+    """Each (sample, predicted text) as its image with the question, the answer and the prediction;
+    grounding boxes drawn (reference green, prediction red dashed)."""
+    from matplotlib.patches import Rectangle
+
+    from helpers.plots import COLOURS, new_figure
+    from helpers.rewards import parse_answer
+
+    nrows = max(1, math.ceil(len(pairs) / ncols))
+    import numpy as np
+
+    figure, axes = new_figure(ncols, nrows, width=size * ncols, height=(size + 0.55) * nrows)
+    axes = np.asarray(axes).reshape(-1)
+    for ax in axes:
+        ax.axis("off")
+    for ax, (sample, text) in zip(axes, pairs):
+        ax.imshow(sample.image)
+        ok = _score(sample.task, text, sample.target)
+        if sample.task == "grounding":
+            x1, y1, x2, y2 = sample.target
+            ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, ec=COLOURS["image"], lw=1.5))
+            box = parse_answer("grounding", text)
+            if box is not None:
+                ax.add_patch(Rectangle((box[0] - 0.5, box[1] - 0.5), box[2] - box[0], box[3] - box[1], fill=False,
+                                       ec=COLOURS["loss"], lw=1.5, ls="--"))
+            shown = f"IoU {ok:.2f}"
+        else:
+            shown = f"→ {text.strip()[:12]!r} ({'✓' if ok == 1 else '✗'})"
+        ax.set_title(f"[{sample.split}] {sample.question}\n{shown}", fontsize=6.5)
+    return figure
+
+
+_WIDGET_CACHE: dict = {}
+
+
+def _widget_batch():
+    if "items" not in _WIDGET_CACHE:
+        processor = load_processor(min_pixels=28 * 28, max_pixels=settings("sft")["data"]["image_size"] ** 2)
+        samples = make_split("val", 6, 0, **settings("sft")["data"])
+        _WIDGET_CACHE.update(processor=processor, samples=samples, items=encode_samples(processor, samples))
+    return _WIDGET_CACHE
+
+
+@register_widget("10_sft", {"row": 0, "max_length": 0}, [{"row": 2, "max_length": 30}, {"row": 5, "max_length": 60}])
+def batch_view(row: int = 0, max_length: int = 0) -> View:
+    """One sample of a real batch, token by token, coloured by kind (labelled tokens underlined);
+    ``max_length`` > 0 truncates it as a trainer would and says what broke."""
+    import html as html_lib
+
+    from helpers.plots import COLOURS
+
+    cache = _widget_batch()
+    item = dict(cache["items"][row])
+    if max_length:
+        item = {**item, "input_ids": item["input_ids"][:max_length], "labels": item["labels"][:max_length]}
+    batch = pad_batch([item])
+    kinds = token_kinds(batch)[0].tolist()
+    colours = [COLOURS["text"], COLOURS["special"], COLOURS["image"], COLOURS["loss"], "#999999"]
+    tokenizer = cache["processor"].tokenizer
+    pieces = []
+    for token, kind in zip(batch["input_ids"][0].tolist(), kinds):
+        text = html_lib.escape(tokenizer.decode([token])).replace("\n", "↵")
+        style = f"color:{colours[kind]};" + ("text-decoration:underline;font-weight:bold;" if kind == 3 else "")
+        pieces.append(f"<span style='{style}'>{text}</span>")
+    try:
+        check_batch(batch)
+        status = f"OK: {sum(k == 3 for k in kinds)} labelled tokens of {len(kinds)}"
+    except ValueError as error:
+        status = f"ValueError: {error}"
+    sample = cache["samples"][row]
+    head = f"<b>{html_lib.escape(sample.question)}</b> → {html_lib.escape(sample.answer)}<br>"
+    body = "<div style='font-family:monospace;font-size:12px;line-height:1.6'>" + "".join(pieces) + "</div>"
+    return View(html=head + body + f"<p>{html_lib.escape(status)}</p>",
+                data={"tokens": len(kinds), "labelled": sum(k == 3 for k in kinds), "status": status})
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU measurements (scripts/gpu_sft.sh)
+# ---------------------------------------------------------------------------------------------
+
+PEAK_BF16_FLOPS = 989e12  # H100/H200 dense bf16 (1979 is the sparse figure)
+
+
+def training_flops(model, batch: dict, lora: bool = False) -> dict:
+    """Model FLOPs of one training step (the MFU numerator), by part.
+
+    Counted: every matmul of the language model's decoder layers at every token (2·N per token
+    forward; backward 4·N with weight gradients, 2·N without, as in LoRA where the frozen weights
+    need only input gradients), causal attention scores (QKᵀ and AV: 2·2·T²/2·d per layer, forward),
+    the LM head only at labelled positions (2·V·d each), the vision tower per patch (2·N_vision
+    forward; 6·N_vision if trained, nothing backward if frozen) and its attention over each window.
+    Not counted: gradient checkpointing's recomputed forward (hardware FLOPs, not model FLOPs),
+    norms, rotary, softmax, the LoRA matrices themselves (r ≪ d).
+    """
+    base = unwrap(model)
+    text = base.config.get_text_config()
+    d, layers, vocab = text.hidden_size, text.num_hidden_layers, text.vocab_size
+    n_layers = sum(p.numel() for p in base.model.language_model.layers.parameters())
+    n_vision = sum(p.numel() for p in base.model.visual.parameters())
+    vision_trained = any(p.requires_grad for p in base.model.visual.parameters())
+    lengths = batch["attention_mask"].sum(-1).double()
+    tokens = float(lengths.sum())
+    labelled = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    patches = float(batch["image_grid_thw"].prod(-1).sum())
+    vcfg = base.config.vision_config
+    window = (vcfg.window_size // vcfg.patch_size) ** 2  # patches per window (64)
+    per_image = batch["image_grid_thw"].prod(-1).double()
+    full_blocks = len(vcfg.fullatt_block_indexes)
+    vision_attn = 4 * vcfg.hidden_size * float((per_image**2).sum() * full_blocks
+                                               + (per_image * per_image.clamp(max=window)).sum() * (vcfg.depth - full_blocks))
+    back = 1 if lora else 2            # backward / forward matmul ratio
+    parts = {
+        "lm_layers": 2 * n_layers * tokens * (1 + back),
+        "lm_attention": 2 * d * layers * float((lengths**2).sum()) * 3,  # 4·T²/2·d fwd, ×3 with backward
+        "lm_head": 2 * vocab * d * labelled * (1 + back),
+        "vision": (6 * n_vision * patches + 3 * vision_attn) if vision_trained else (2 * n_vision * patches + vision_attn),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def benchmark_3b(mode: str, batch: dict, steps: int = 3, warmup: int = 2, lr: float = 1e-5, config=None) -> dict:
+    """Step time, tokens/s, MFU and peak memory of ``qwen25vl_3b_config()`` (random weights, bf16,
+    gradient checkpointing) for ``mode`` "full" (AdamW on every weight, bf16 states) or "lora"
+    (r=16 on the language model, vision tower frozen)."""
+    from helpers.qwen import qwen25vl_3b_config
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = config or qwen25vl_3b_config()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if mode == "lora":
+        model.enable_input_require_grads()
+        model = apply_lora(model, r=16)
+    model.train()
+    optimizer = make_optimizer(model, lr)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    times = []
+    for i in range(warmup + steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = labelled_loss(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    step = sum(times[warmup:]) / steps
+    flops = training_flops(model, batch, lora=mode == "lora")
+    tokens = float(batch["attention_mask"].sum())
+    result = {"mode": mode, "step_seconds": step, "tokens_per_step": tokens, "tokens_per_second": tokens / step,
+              "model_tflops_per_step": flops["total"] / 1e12, "flops_by_part_tflop": {k: v / 1e12 for k, v in flops.items()},
+              "mfu": flops["total"] / step / PEAK_BF16_FLOPS, "loss": float(loss.detach()),
+              "parameters": parameter_count(unwrap(model)),
+              "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    del model, optimizer, loss
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def benchmark_loops(model_fn, processor, samples: list[Sample], steps: int = 30, skip: int = 5, batch_size: int = 64,
+                    lr: float = 1e-3, num_workers: int = 0) -> dict:
+    """Tokens/s of our loop vs TRL's ``SFTTrainer`` on the same model (fresh from ``model_fn``),
+    batches, collator, loss and optimiser settings; the first ``skip`` steps are not timed."""
+    from transformers import TrainerCallback
+
+    n = batch_size * steps
+    data = samples[:n]
+    ours = train(model_fn(), processor, data, steps=steps, batch_size=batch_size, lr=lr, warmup=2,
+                 num_workers=num_workers, progress=False)
+    h = ours.history
+    ours_tps = sum(h["tokens"][skip:]) / (h["seconds"][-1] - h["seconds"][skip - 1])
+
+    marks = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+
+    trainer = trl_trainer(model_fn(), processor, data, steps=steps, batch_size=batch_size, lr=lr, warmup=2,
+                          bf16=torch.cuda.is_available(), output_dir=os.path.join(os.environ.get("TMPDIR", "/tmp"), "trl_bench"),
+                          dataloader_num_workers=num_workers)
+    trainer.add_callback(Clock())
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "num_tokens" in e]
+    tokens = [float(e["num_tokens"]) for e in logs]  # cumulative input tokens (TRL's count)
+    trl_tps = (tokens[-1] - tokens[skip - 1]) / (marks[-1] - marks[skip - 1])
+    return {"ours_tokens_per_second": ours_tps, "trl_tokens_per_second": trl_tps, "steps": steps, "skip": skip,
+            "batch_size": batch_size, "ours_loss": h["loss"], "trl_loss": [e["loss"] for e in logs],
+            "speedup": ours_tps / trl_tps}
+
+
+def _batch_for_3b(batch_size: int, image_size: int, seed: int = 0) -> dict:
+    processor = load_processor(min_pixels=28 * 28, max_pixels=image_size * image_size)
+    return SFTCollator(processor)(make_split("train", batch_size, seed, image_size=image_size))
+
+
+def gpu_report(out_dir, checkpoint_dir, smoke: bool = False) -> dict:
+    """Everything ``scripts/gpu_sft.sh`` measures; writes metrics.json, log.txt, sft_training.png and
+    sft_examples.png to ``out_dir`` and the trained checkpoint to ``checkpoint_dir``."""
+    import platform
+
+    import transformers
+
+    from helpers.plots import use_course_style
+
+    use_course_style()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log: list[str] = []
+    say = lambda text: (print(text, flush=True), log.append(text))  # noqa: E731
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    say(f"device {device}; torch {torch.__version__}; transformers {transformers.__version__}; smoke={smoke}")
+    metrics: dict = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "date": time.strftime("%Y-%m-%d %H:%M:%S"), "smoke": smoke}
+    t0 = time.perf_counter()
+    run = run_profile("cpu" if smoke else "gpu", out=checkpoint_dir, steps=3 if smoke else None, progress=False,
+                      log=log, examples=2)
+    metrics["sft"] = {k: v for k, v in run.items() if k not in ("history", "examples", "model", "processor", "loss")}
+    metrics["sft"]["loss_every_10"] = run["loss"][::10]
+    say(f"SFT: {run['steps']} steps in {run['train_seconds']:.1f} s, {run['tokens_per_second']:.0f} tokens/s; "
+        f"before {run['before']} after {run['after']}")
+    figure = plot_training(run["history"], run["after"], title=f"SFT, gpu profile on {device}")
+    figure.savefig(out_dir / "sft_training.png")
+    figure = plot_predictions([x for split in ("test", "ood") for x in run["examples"].get(split, [])], ncols=6)
+    figure.savefig(out_dir / "sft_examples.png")
+    processor = run["processor"]
+    del run
+    try:  # our loop vs TRL on the same model, batches and loss
+        s = settings("sft", "cpu" if smoke else "gpu")
+        steps, batch_size = (4, 4) if smoke else (30, s["batch_size"])
+        samples = make_split("train", steps * batch_size, 5, **s["data"])
+        metrics["loop_vs_trl"] = benchmark_loops(lambda: model_for_profile("cpu" if smoke else "gpu")[0], processor, samples,
+                                                 steps=steps, skip=2 if smoke else 5, batch_size=batch_size)
+        say(f"loop vs TRL: {metrics['loop_vs_trl']['ours_tokens_per_second']:.0f} vs "
+            f"{metrics['loop_vs_trl']['trl_tokens_per_second']:.0f} tokens/s")
+    except Exception as error:  # noqa: BLE001  (a missing TRL must not cost the other measurements)
+        metrics["loop_vs_trl"] = {"error": repr(error)[:500]}
+        say(f"loop vs TRL failed: {error!r}"[:500])
+    metrics["3b"] = {}
+    config = course_config() if smoke else None
+    batch = _batch_for_3b(2 if smoke else 8, 112 if smoke else 448)
+    for mode in ("full", "lora"):
+        try:
+            r = benchmark_3b(mode, batch, steps=1 if smoke else 3, warmup=1 if smoke else 2, config=config)
+            metrics["3b"][mode] = r
+            say(f"3B {mode}: {r['step_seconds']:.3f} s/step, {r['tokens_per_second']:.0f} tokens/s, MFU {r['mfu']:.3f}, "
+                f"peak {r['peak_memory_gib']} GiB, trainable {r['trainable']:,}")
+        except Exception as error:  # noqa: BLE001
+            metrics["3b"][mode] = {"error": repr(error)[:500]}
+            say(f"3B {mode} failed: {error!r}"[:500])
+    metrics["3b_batch"] = {"images": int(batch["image_grid_thw"].shape[0]), "image_size": 112 if smoke else 448,
+                           "tokens": int(batch["attention_mask"].sum()), "labelled": int((batch["labels"] != IGNORE_INDEX).sum())}
+    metrics["mfu_flops"] = training_flops.__doc__.split("\n\n")[1].strip()
+    metrics["wall_seconds"] = time.perf_counter() - t0
+    say(f"all done in {metrics['wall_seconds']:.0f} s")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, default=str))
+    (out_dir / "log.txt").write_text("\n".join(log) + "\n")
+    return metrics
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m helpers.sft", description=__doc__.split("\n")[0])
     parser.add_argument("--profile", choices=("cpu", "gpu"), default=None)
@@ -629,9 +994,16 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="override the profile's step count")
     parser.add_argument("--metrics", default=None, help="write a metrics JSON here")
     parser.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    parser.add_argument("--report", default=None, help="run every GPU measurement (scripts/gpu_sft.sh); "
+                        "write metrics.json, log.txt and two PNGs here; --out receives the checkpoint")
+    parser.add_argument("--smoke", action="store_true", help="with --report: a tiny CPU rehearsal")
     args = parser.parse_args(argv)
+    if args.report:
+        gpu_report(args.report, args.out, smoke=args.smoke)
+        return
     log: list[str] = []
     metrics = run_profile(args.profile, out=args.out, steps=args.steps, evaluate_splits=not args.no_eval, log=log)
+    metrics = {k: v for k, v in metrics.items() if k not in ("model", "processor", "examples")}
     rank, world = _dist()
     if rank == 0:
         print(json.dumps({k: metrics[k] for k in ("steps", "world", "train_seconds", "tokens_per_second", "before", "after")}))
