@@ -15,9 +15,26 @@ PROFILE_NAMES = ("cpu", "gpu")
 PROFILES: dict[str, dict[str, dict]] = {
     "cpu": {
         "course": {"device": "cpu", "dtype": "float32"},
+        "sft": {
+            "model": {},  # course_config() defaults: ~20 M parameters, 19.4 M of them the embedding
+            "seed": 0,  # small images, one big shape each: the cheapest version of the task
+            "data": {"image_size": 56, "max_distractors": 0, "shape_size": (0.3, 0.45),
+                     "count_range": (1, 2), "ood_count_range": (3, 4)},
+            "n_train": 4096, "n_eval": 32,
+            "steps": 150, "batch_size": 16, "grad_accum": 1, "lr": 3e-3, "warmup": 10, "num_workers": 0,
+        },
     },
     "gpu": {
         "course": {"device": "cuda", "dtype": "bfloat16"},
+        "sft": {
+            "model": {"text_hidden": 256, "text_layers": 6, "text_heads": 4, "text_kv_heads": 2, "text_mlp": 768,
+                      "vision_hidden": 128, "vision_depth": 4, "vision_heads": 4, "vision_mlp": 256},
+            "seed": 0,
+            "data": {"image_size": 112, "max_distractors": 2},
+            "n_train": 1_000_000, "n_eval": 200,
+            "steps": 3000, "batch_size": 64, "grad_accum": 1, "lr": 1e-3, "warmup": 100, "num_workers": 8,
+            "max_seconds": 170,  # the step count shrinks (after 20 measured steps) to end within this
+        },
     },
 }
 
