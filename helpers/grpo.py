@@ -235,18 +235,47 @@ def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "
 # ---------------------------------------------------------------------------------------------
 
 
-def per_token_logps(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
-    """log π(token | prefix) of every completion token, (N, K), at ``temperature``.
+class CompletionLogProbs(torch.nn.Module):
+    """log π(token | prefix) of the completion tokens, with the LM head applied only where
+    ``completion_mask`` is 1 (a module, so DDP can wrap it under ``torchrun``).
 
-    The LM head runs only on the K+1 last positions (``logits_to_keep``): the completion is all we
-    score. Mirrors TRL's ``_get_per_token_logps_and_entropies`` (its fused head does the same).
+    The backbone runs once over prompt + completion; the hidden state at position t predicts
+    token t+1, so the K states before each completion token are kept, then only the unmasked ones
+    go through the 151,936-row LM head: two-token answers no longer pay for the longest row.
+    Mirrors TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``), which also projects
+    only the scored positions. Masked positions are returned as 0.
     """
-    inputs = rollout.forward_inputs()
-    k = rollout.completion_ids.size(1)
-    logits = model(**inputs, logits_to_keep=k + 1, use_cache=False).logits  # (N, K+1, V)
-    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (N, K, V): position t predicts completion token t
-    chosen = torch.gather(logits, 2, rollout.completion_ids.unsqueeze(-1)).squeeze(-1)  # (N, K)
-    return chosen - torch.logsumexp(logits, dim=-1)  # log-softmax at the chosen tokens only
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, completion_ids,
+                completion_mask, temperature: float = 1.0) -> torch.Tensor:
+        base = self.model
+        hidden = base.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                            image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids,
+                            use_cache=False).last_hidden_state  # (N, Lp + K, D)
+        k = completion_ids.size(1)
+        keep = completion_mask.bool()  # (N, K)
+        states = hidden[:, -k - 1:-1][keep]  # (M, D): M scored tokens ≪ N·K
+        logits = base.lm_head(states)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (M, V)
+        chosen = logits.gather(1, completion_ids[keep].unsqueeze(1)).squeeze(1)  # (M,)
+        out = torch.zeros(completion_ids.shape, dtype=logits.dtype, device=logits.device)
+        out[keep] = chosen - torch.logsumexp(logits, dim=-1)  # log-softmax at the chosen tokens only
+        return out
+
+
+def per_token_logps(model, rollout: Rollout, temperature: float = 1.0) -> torch.Tensor:
+    """log π(token | prefix) of every completion token, (N, K), at ``temperature`` (0 where masked).
+
+    ``model`` is a Qwen2.5-VL model, or a ``CompletionLogProbs`` (possibly inside DDP). Mirrors
+    TRL's ``_get_per_token_logps_and_entropies`` (logits divided by the sampling temperature).
+    """
+    scorer = model if isinstance(_unwrap(model), CompletionLogProbs) else CompletionLogProbs(model)
+    return scorer(**rollout.forward_inputs(), completion_ids=rollout.completion_ids,
+                  completion_mask=rollout.completion_mask, temperature=temperature)
 
 
 def kl_k3(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
@@ -372,9 +401,12 @@ def R_mean(values) -> float:
     return sum(values) / len(values) if len(values) else float("nan")
 
 
-def grpo_step(model, ref_model, processor, optimizer, samples: Sequence, cfg: dict, seed: int) -> tuple[dict, Rollout, torch.Tensor]:
+def grpo_step(model, ref_model, processor, optimizer, samples: Sequence, cfg: dict, seed: int,
+              scorer=None) -> tuple[dict, Rollout, torch.Tensor]:
     """One GRPO step on ``samples`` (P prompts): rollout, rewards, advantages, ``num_iterations``
-    gradient steps of the clipped loss. Returns (logged numbers, the rollout, its advantages)."""
+    gradient steps of the clipped loss. Returns (logged numbers, the rollout, its advantages).
+    ``scorer`` computes the policy's log-probs (a DDP-wrapped ``CompletionLogProbs`` under torchrun)."""
+    scorer = scorer if scorer is not None else model
     start = time.perf_counter()
     G, T = cfg["num_generations"], cfg["temperature"]
     rollout = sample_completions(model, processor, samples, G, T, cfg["max_new_tokens"], seed=seed, bf16=cfg.get("bf16"),
@@ -385,11 +417,11 @@ def grpo_step(model, ref_model, processor, optimizer, samples: Sequence, cfg: di
     autocast = _autocast(rollout.prompt_ids.device, cfg)
     with torch.no_grad(), autocast():
         ref = per_token_logps(ref_model, rollout, T) if beta > 0 else None
-        old = per_token_logps(model, rollout, T) if iterations > 1 else None
+        old = per_token_logps(scorer, rollout, T) if iterations > 1 else None
     model.train()
     for _ in range(iterations):
         with autocast():
-            logps = per_token_logps(model, rollout, T)
+            logps = per_token_logps(scorer, rollout, T)
         loss, stats = grpo_loss(logps, old if old is not None else logps.detach(), ref, advantages,
                                 rollout.completion_mask, beta, cfg["epsilon"], cfg.get("epsilon_high"),
                                 cfg["loss_type"], cfg["max_new_tokens"], cfg.get("kl_ratio_correction", True))
@@ -429,6 +461,10 @@ def train(model, processor, prompts: Sequence, cfg: dict, seed: int = 0, ref_mod
 
     rank, world = _rank_world()
     ref_model = ref_model if ref_model is not None else frozen_copy(model)
+    scorer = CompletionLogProbs(model)
+    if world > 1:  # DDP hooks the scorer's forward: gradients are averaged over ranks in backward
+        device = next(model.parameters()).device
+        scorer = torch.nn.parallel.DistributedDataParallel(scorer, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
                                   weight_decay=cfg.get("weight_decay", 0.0), betas=(0.9, 0.99))
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -437,7 +473,7 @@ def train(model, processor, prompts: Sequence, cfg: dict, seed: int = 0, ref_mod
     for step in bar:
         chosen = [prompts[order[(step * P * world + rank * P + i) % len(order)]] for i in range(P)]
         log, rollout, advantages = grpo_step(model, ref_model, processor, optimizer, chosen, cfg,
-                                             seed=seed * 100_003 + step * world + rank)
+                                             seed=seed * 100_003 + step * world + rank, scorer=scorer)
         log["step"] = step
         history.append(_all_reduce_means(log) if world > 1 else log)
         bar.set_postfix(reward=f"{log['reward']:.3f}", kl=f"{log['kl']:.4f}", len=f"{log['completion_length']:.1f}")
@@ -813,8 +849,6 @@ def run(profile: str | None = None, out=None, sft_dir=None, seeds=None, steps=No
     histories = {}
     for seed in seeds:
         model, _ = load_start(start, device)
-        if world > 1:
-            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         t0 = time.perf_counter()
         history = train(model, processor, prompts, cfg, seed=seed, progress=rank == 0, max_seconds=cfg.get("max_seconds"))
         seconds = time.perf_counter() - t0
