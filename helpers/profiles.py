@@ -15,6 +15,13 @@ PROFILE_NAMES = ("cpu", "gpu")
 PROFILES: dict[str, dict[str, dict]] = {
     "cpu": {
         "course": {"device": "cpu", "dtype": "float32"},
+        "grpo": {  # helpers.grpo / notebooks/11_grpo.ipynb
+            "seed": 0, "seeds": (0,), "n_prompts": 64, "n_eval": 24, "eval_batch_size": 32,
+            "steps": 8, "prompts_per_step": 4, "num_generations": 4, "temperature": 1.0, "max_new_tokens": 40,
+            "lr": 1e-4, "weight_decay": 0.0, "max_grad_norm": 1.0, "beta": 0.04, "epsilon": 0.2, "epsilon_high": None,
+            "loss_type": "grpo", "scale_rewards": "group", "num_iterations": 1, "kl_ratio_correction": True,
+            "reward_weights": {"task": 1.0, "format": 0.2}, "bf16": False, "max_seconds": None, "bucket_by_task": True,
+        },
         "sft": {
             "model": {},  # course_config() defaults: ~20 M parameters, 19.4 M of them the embedding
             "seed": 0,  # small images, one big shape each: the cheapest version of the task
@@ -26,6 +33,13 @@ PROFILES: dict[str, dict[str, dict]] = {
     },
     "gpu": {
         "course": {"device": "cuda", "dtype": "bfloat16"},
+        "grpo": {  # helpers.grpo / scripts/gpu_grpo.sh: 3 seeds within 4 minutes of training
+            "seed": 0, "seeds": (0, 1, 2), "n_prompts": 2048, "n_eval": 200, "eval_batch_size": 256,
+            "steps": 60, "prompts_per_step": 32, "num_generations": 8, "temperature": 1.0, "max_new_tokens": 40,
+            "lr": 1e-4, "weight_decay": 0.0, "max_grad_norm": 1.0, "beta": 0.04, "epsilon": 0.2, "epsilon_high": None,
+            "loss_type": "grpo", "scale_rewards": "group", "num_iterations": 1, "kl_ratio_correction": True,
+            "reward_weights": {"task": 1.0, "format": 0.2}, "bf16": True, "max_seconds": 60, "bucket_by_task": False,
+        },
         "sft": {
             "model": {"text_hidden": 256, "text_layers": 6, "text_heads": 4, "text_kv_heads": 2, "text_mlp": 768,
                       "vision_hidden": 128, "vision_depth": 4, "vision_heads": 4, "vision_mlp": 256},
