@@ -594,12 +594,16 @@ def trl_timings(trainer) -> dict:
 
 def sft_checkpoint(profile: str | None = None, directory=None, progress: bool = True) -> Path:
     """The SFT checkpoint GRPO starts from: ``directory`` if given, else the course cache
-    (``cache_dir()/sft-<profile>``). Trains it with ``helpers.sft.quick_checkpoint`` when missing."""
-    from helpers.profiles import current_profile
+    (``cache_dir()/sft-<profile>-<hash of the SFT settings>``, so a changed profile is retrained).
+    Trains it with ``helpers.sft.quick_checkpoint`` when missing."""
+    import hashlib
+
+    from helpers.profiles import current_profile, settings
     from helpers.qwen import cache_dir
 
     name = current_profile(profile)
-    path = Path(directory) if directory is not None else cache_dir() / f"sft-{name}"
+    digest = hashlib.sha256(json.dumps(settings("sft", name), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    path = Path(directory) if directory is not None else cache_dir() / f"sft-{name}-{digest}"
     if not (path / "config.json").is_file():
         from helpers import sft
 
