@@ -150,19 +150,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--presses", type=int, default=20, help="arrow-key presses timed in the browser")
     parser.add_argument("--only", default="", help="time only widgets whose name contains this")
     parser.add_argument("--markdown", type=Path, help="also write the table to this file")
-    parser.add_argument("--gc-freeze", action="store_true",
-                        help="gc.freeze() after the imports (what-if: the worst cases are mostly full garbage "
-                             "collections walking the ~450k objects torch and transformers leave behind)")
+    parser.add_argument("--no-gc-freeze", action="store_true",
+                        help="skip helpers.widgets.freeze_heap(), which helpers.widgets.show() runs before the first "
+                             "render (what-if: the worst cases become full garbage collections walking the ~450k "
+                             "objects torch and transformers leave behind)")
     args = parser.parse_args(argv)
     command = "python scripts/widget_latency.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     load = os.getloadavg()
 
     registry = load_registry()
-    if args.gc_freeze:
-        import gc
+    if not args.no_gc_freeze:
+        from helpers.widgets import freeze_heap
 
-        gc.collect()
-        gc.freeze()
+        freeze_heap()  # as show() does in the notebooks
     rows = []
     for name, widget in sorted(registry.items(), key=lambda item: (item[1].notebook, item[0])):
         if args.only not in name:
