@@ -740,7 +740,7 @@ def plot_predictions(pairs: list, ncols: int = 6, size: float = 1.6):
             shown = f"IoU {ok:.2f}"
         else:
             shown = f"→ {text.strip()[:12]!r} ({'✓' if ok == 1 else '✗'})"
-        ax.set_title(f"[{sample.split}] {sample.question}\n{shown}", fontsize=6.5)
+        ax.set_title(f"{sample.question}\n[{sample.split}] {shown}", fontsize=6)
     return figure
 
 
