@@ -861,6 +861,8 @@ def run(profile: str | None = None, out=None, sft_dir=None, seeds=None, steps=No
         metrics["runs"][str(seed)] = {"steps": len(history), "train_seconds": seconds, "eval": after,
                                       "history": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in h.items()} for h in history]}
         say(f"seed {seed}: {len(history)} steps in {seconds:.1f} s; {json.dumps(after)}")
+        if out is not None and rank == 0:  # write as we go: a run cut short still leaves its results
+            _write_outputs(Path(out), metrics, histories, lines)
     if evals:
         metrics["summary"] = _summary_table(metrics)
         say("summary (score = mean of accuracy / IoU over all questions): " + json.dumps(metrics["summary"]))

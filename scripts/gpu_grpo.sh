@@ -5,7 +5,8 @@
 #   bash scripts/gpu_grpo.sh SFT_DIR OUT_DIR [extra helpers.grpo flags, e.g. --smoke]
 #
 # SFT_DIR: the SFT checkpoint to start from (trained there with the gpu SFT profile if missing).
-# OUT_DIR: gets at most 4 files: metrics.json, log.txt, grpo_curves.png, grpo_vs_sft.png.
+# OUT_DIR: gets at most 4 files: metrics.json, log.txt, grpo_curves.png, grpo_vs_sft.png (rewritten
+# after each seed, so a run stopped by the 300 s timeout still leaves what it finished).
 # It runs `python -m helpers.grpo --profile gpu`: the SFT start evaluated on val/test/ood, three
 # GRPO seeds (each capped at the profile's max_seconds of training, then evaluated), and our loop's
 # vs TRL GRPOTrainer's step time and rollout tokens/s on the same model and settings.
@@ -31,5 +32,5 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT_DIR"
 "$PY" -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'cuda', torch.cuda.is_available())"
 start=$(date +%s)
-timeout "${GRPO_TIMEOUT:-330}" "$PY" -m helpers.grpo --profile gpu --sft "$SFT_DIR" --out "$OUT_DIR" "$@"
+timeout "${GRPO_TIMEOUT:-300}" "$PY" -m helpers.grpo --profile gpu --sft "$SFT_DIR" --out "$OUT_DIR" "$@"
 echo "gpu_grpo.sh: $(( $(date +%s) - start )) s wall; wrote: $(ls "$OUT_DIR" | tr '\n' ' ')"
