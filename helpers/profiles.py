@@ -38,7 +38,7 @@ PROFILES: dict[str, dict[str, dict]] = {
             "steps": 60, "prompts_per_step": 32, "num_generations": 8, "temperature": 1.0, "max_new_tokens": 40,
             "lr": 1e-4, "weight_decay": 0.0, "max_grad_norm": 1.0, "beta": 0.04, "epsilon": 0.2, "epsilon_high": None,
             "loss_type": "grpo", "scale_rewards": "group", "num_iterations": 1, "kl_ratio_correction": True,
-            "reward_weights": {"task": 1.0, "format": 0.2}, "bf16": True, "max_seconds": 55, "bucket_by_task": False,
+            "reward_weights": {"task": 1.0, "format": 0.2}, "bf16": True, "max_seconds": 60, "bucket_by_task": False,
         },
         "sft": {
             "model": {"text_hidden": 256, "text_layers": 6, "text_heads": 4, "text_kv_heads": 2, "text_mlp": 768,
