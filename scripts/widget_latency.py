@@ -1,7 +1,7 @@
 """Widget latency: how long a reader waits after moving a control, for every widget in the course.
 
     .venv/bin/python scripts/widget_latency.py [--repeats 5] [--browser 02_smart_resize]
-                                               [--presses 20] [--markdown docs/performance.md]
+                                               [--presses 20] [--markdown README.md]
 
 1. In this process: import every ``helpers`` module (each registers its widgets in
    ``helpers.widgets.REGISTRY``); for each widget, render its defaults once (the notebook does that
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--browser", default="02_smart_resize", help="notebook to time in the browser ('' to skip)")
     parser.add_argument("--presses", type=int, default=20, help="arrow-key presses timed in the browser")
     parser.add_argument("--only", default="", help="time only widgets whose name contains this")
-    parser.add_argument("--markdown", type=Path, help="also write the table to this file")
+    parser.add_argument("--markdown", type=Path, help="also write the table to this file (in README.md: between its performance markers)")
     parser.add_argument("--no-gc-freeze", action="store_true",
                         help="skip helpers.widgets.freeze_heap(), which helpers.widgets.show() runs before the first "
                              "render (what-if: the worst cases become full garbage collections walking the ~450k "
@@ -178,8 +178,19 @@ def main(argv: list[str] | None = None) -> None:
     text = report(rows, browser, command, load)
     print(text)
     if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text(text)
+        write_markdown(args.markdown, text)
+
+
+def write_markdown(path: Path, text: str) -> None:
+    """Write the table to ``path``; in a file with ``<!-- performance -->`` … ``<!-- /performance -->``
+    markers (the README), replace only what stands between them."""
+    start, end = "<!-- performance -->", "<!-- /performance -->"
+    old = path.read_text() if path.exists() else ""
+    if start in old and end in old:
+        head, rest = old.split(start, 1)
+        text = head + start + "\n" + text.rstrip("\n") + "\n" + end + rest.split(end, 1)[1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The README's course map: one real picture per notebook, produced by the course itself.
 
     .venv/bin/python -m pytest tests/browser          # writes screenshots/NN_name-widget.png
-    .venv/bin/python tests/browser/course_map.py      # → assets/course_map/*.png, docs/course_map.md
+    .venv/bin/python tests/browser/course_map.py      # → assets/course_map/*.png, README.md
 
 For each ``notebooks/*.ipynb`` the picture is, in order of preference:
 
@@ -9,8 +9,8 @@ For each ``notebooks/*.ipynb`` the picture is, in order of preference:
    control (``screenshots/NN_name-widget.png``): what the reader sees and plays with;
 2. otherwise the first plot in the committed notebook's outputs.
 
-Pictures are shrunk to at most ``WIDTH`` pixels wide and stored as small palette PNGs. The page
-``docs/course_map.md`` lists them with each notebook's title, for the README.
+Pictures are shrunk to at most ``WIDTH`` pixels wide and stored as small palette PNGs. The README's
+course-map block (between ``<!-- course-map-pictures -->`` markers) shows them in a table.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from labdriver import NOTEBOOK_DIR, REPO, SCREENSHOTS  # noqa: E402
 
 ASSETS = REPO / "assets" / "course_map"
-PAGE = REPO / "docs" / "course_map.md"
+README = REPO / "README.md"
+START, END = "<!-- course-map-pictures -->", "<!-- /course-map-pictures -->"
 WIDTH = 560
 
 
@@ -80,15 +81,26 @@ def main() -> None:
         target.write_bytes(small_png(data))
         rows.append((path, title(notebook), target, source))
         print(f"{path.name}: {target.relative_to(REPO)} ({target.stat().st_size // 1024} KB) from {source}")
-    lines = ["## Course map", "", "One picture per notebook, made by the course itself "
-             "(`python tests/browser/course_map.py` after the browser suite).", ""]
-    for path, heading, target, source in rows:
-        rel = path.relative_to(REPO).as_posix()
-        lines += [f"### [{path.stem.split('_', 1)[0]} · {heading}]({rel})", "",
-                  f"![{path.stem}]({target.relative_to(REPO).as_posix()})", "", f"*Picture: {source}.*", ""]
-    PAGE.parent.mkdir(parents=True, exist_ok=True)
-    PAGE.write_text("\n".join(lines))
-    print(f"wrote {PAGE.relative_to(REPO)}")
+    write_readme_gallery(rows)
+
+
+def write_readme_gallery(rows, columns: int = 3) -> None:
+    """Replace the README's block between the course-map markers with a table of thumbnails."""
+    cells = [f"[**{path.stem.split('_', 1)[0]}** {heading}<br>"
+             f'<img src="{target.relative_to(REPO).as_posix()}" width="260">]({path.relative_to(REPO).as_posix()})'
+             for path, heading, target, _source in rows]
+    lines = ["## What each notebook looks like", "",
+             "One real picture per notebook, produced by the course itself: its first widget as the browser",
+             "suite saw it in JupyterLab, or else its first plot (`pytest tests/browser`, then",
+             "`python tests/browser/course_map.py`, remakes them).", "", "| " * columns + "|", "|---" * columns + "|"]
+    for start in range(0, len(cells), columns):
+        row = cells[start:start + columns]
+        lines.append("| " + " | ".join(row + [""] * (columns - len(row))) + " |")
+    text = README.read_text()
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    README.write_text(head + START + "\n" + "\n".join(lines) + "\n" + END + tail)
+    print(f"updated the course map in {README.relative_to(REPO)}")
 
 
 if __name__ == "__main__":
