@@ -27,11 +27,6 @@ CASES = ["text only", "one image", "two images", "video", "image + video"]
 
 
 @pytest.fixture(scope="module")
-def model():
-    return load_model()
-
-
-@pytest.fixture(scope="module")
 def wandering():
     return redraw_decoder_weights(load_model())
 

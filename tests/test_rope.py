@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from helpers.qwen import course_config, load_model, load_processor, qwen25vl_3b_config
+from helpers.qwen import course_config, qwen25vl_3b_config
 from helpers import rope
 from helpers.rope import (
     EXAMPLE_CASES,
@@ -25,16 +25,6 @@ from helpers.rope import (
 )
 
 SWEEP = 300
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model()
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return load_processor()
 
 
 def reference(model, ids, image_grid=None, video_grid=None, seconds=None, mask=None):

@@ -19,13 +19,6 @@ def clip():
     return hv.synthetic_video(**hv.WIDGET_CLIP)
 
 
-@pytest.fixture(scope="module")
-def processor():
-    from helpers.qwen import load_processor
-
-    return load_processor()
-
-
 def _library_or_error(function, *args):
     try:
         return function(*args)

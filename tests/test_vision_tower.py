@@ -14,7 +14,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
 from helpers import vision_tower as vt
-from helpers.qwen import course_config, load_model, load_processor, qwen25vl_3b_config
+from helpers.qwen import course_config, load_model, qwen25vl_3b_config
 from helpers.widgets import REGISTRY
 
 transformers.logging.set_verbosity_error()
@@ -29,16 +29,6 @@ def random_grids(count, seed=0):
         items = rng.integers(1, 4)
         yield torch.tensor([[int(rng.choice([1, 1, 2, 3, 4])), 2 * int(rng.integers(1, 45)), 2 * int(rng.integers(1, 45))]
                             for _ in range(items)])
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return load_processor()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model()
 
 
 @pytest.fixture(scope="module")
