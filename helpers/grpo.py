@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from helpers import rewards as R
 from helpers.qwen import SPECIAL_TOKENS
@@ -455,6 +454,7 @@ def train(model, processor, prompts: Sequence, cfg: dict, seed: int = 0, ref_mod
     """The hand-written GRPO loop: ``cfg["steps"]`` steps of ``cfg["prompts_per_step"]`` prompts
     (cycling through ``prompts`` in a seeded order), AdamW at ``cfg["lr"]``. Returns one dict of
     logged numbers per step (reward, accuracy, IoU, KL, completion length, …); trains in place.
+    ``cfg["freeze_embeddings"]`` fixes the tied embedding table first (``requires_grad=False``).
     Stops early after ``max_seconds`` of wall time if given (the log says how many steps ran).
     """
     from tqdm.auto import tqdm
@@ -465,6 +465,8 @@ def train(model, processor, prompts: Sequence, cfg: dict, seed: int = 0, ref_mod
     if world > 1:  # DDP hooks the scorer's forward: gradients are averaged over ranks in backward
         device = next(model.parameters()).device
         scorer = torch.nn.parallel.DistributedDataParallel(scorer, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.get("freeze_embeddings"):  # as in the SFT profiles: AdamW would drift all 151,936 tied rows
+        _unwrap(model).get_input_embeddings().weight.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
                                   weight_decay=cfg.get("weight_decay", 0.0), betas=(0.9, 0.99))
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -594,19 +596,14 @@ def trl_timings(trainer) -> dict:
 
 def sft_checkpoint(profile: str | None = None, directory=None, progress: bool = True) -> Path:
     """The SFT checkpoint GRPO starts from: ``directory`` if given, else the course cache
-    (``cache_dir()/sft-<profile>-<hash of the SFT settings>``, so a changed profile is retrained).
-    Trains it with ``helpers.sft.quick_checkpoint`` when missing."""
-    import hashlib
-
-    from helpers.profiles import current_profile, settings
-    from helpers.qwen import cache_dir
+    (``helpers.sft.profile_checkpoint_dir``: notebook 10 saves its run there). Trains it with
+    ``helpers.sft.quick_checkpoint`` when missing."""
+    from helpers import sft
+    from helpers.profiles import current_profile
 
     name = current_profile(profile)
-    digest = hashlib.sha256(json.dumps(settings("sft", name), sort_keys=True, default=str).encode()).hexdigest()[:10]
-    path = Path(directory) if directory is not None else cache_dir() / f"sft-{name}-{digest}"
+    path = Path(directory) if directory is not None else sft.profile_checkpoint_dir(name)
     if not (path / "config.json").is_file():
-        from helpers import sft
-
         if progress:
             print(f"no SFT checkpoint yet: training one with helpers.sft ({name} profile)")
         sft.quick_checkpoint(path, profile=name)

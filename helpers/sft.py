@@ -216,14 +216,27 @@ def lr_factor(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95)) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no weight decay on norms, biases and embeddings."""
-    decay, no_decay = [], []
-    for name, p in unwrap(model).named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "embed" in name or "norm" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+def make_optimizer(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95),
+                   lr_scales: dict[str, float] | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on norms, biases and embeddings.
+
+    ``lr_scales`` maps a parameter-name prefix (e.g. ``"model.language_model.norm"``) to a factor on
+    the learning rate of the parameters under it; each group keeps its factor as ``lr_scale``, which
+    the schedule in ``train`` applies (the same idea as per-module learning rates in TRL/transformers'
+    ``optimizer_cls_and_kwargs``)."""
+    lr_scales = dict(lr_scales or {})
+    named = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
+    for prefix in lr_scales:
+        if not any(n.startswith(prefix) for n, _ in unwrap(model).named_parameters()):
+            raise ValueError(f"lr_scales key {prefix!r} names no parameter of this model")
+    groups: dict[tuple, list] = {}
+    for name, p in named:
+        scale = next((f for prefix, f in lr_scales.items() if name.startswith(prefix)), 1.0)
+        no_decay = p.ndim < 2 or "embed" in name or "norm" in name
+        groups.setdefault((0.0 if no_decay else weight_decay, scale), []).append(p)
+    param_groups = [{"params": ps, "weight_decay": wd, "lr_scale": scale, "lr": lr * scale}
+                    for (wd, scale), ps in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas)
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int = 0) -> list[int]:
@@ -367,7 +380,7 @@ def _dist():
 
 
 def train(model, processor, data, *, steps: int, batch_size: int = 8, grad_accum: int = 1, lr: float = 1e-3,
-          warmup: int = 10, weight_decay: float = 0.0, clip: float = 1.0, seed: int = 0, device=None,
+          warmup: int = 10, weight_decay: float = 0.0, lr_scales: dict | None = None, clip: float = 1.0, seed: int = 0, device=None,
           bf16: bool | None = None, num_workers: int = 0, checkpoint_dir=None, save_every: int = 0,
           resume_from=None, stop_at: int | None = None, progress: bool = True, log: list | None = None,
           max_seconds: float | None = None) -> TrainResult:
@@ -391,7 +404,7 @@ def train(model, processor, data, *, steps: int, batch_size: int = 8, grad_accum
     history = {"step": [], "loss": [], "lr": [], "grad_norm": [], "tokens": [], "seconds": []}
     start = 0
     model = model.to(device)
-    optimizer = make_optimizer(model, lr, weight_decay)
+    optimizer = make_optimizer(model, lr, weight_decay, lr_scales=lr_scales)
     if resume_from is not None:
         resume_from = Path(resume_from)
         loaded, _, state = load_checkpoint(resume_from, expect_config=unwrap(model).config)
@@ -432,7 +445,7 @@ def train(model, processor, data, *, steps: int, batch_size: int = 8, grad_accum
             torch.distributed.all_reduce(total)
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         for group in optimizer.param_groups:  # the schedule is a pure function of the step: resumable
-            group["lr"] = lr * lr_factor(step, steps, warmup)
+            group["lr"] = lr * group.get("lr_scale", 1.0) * lr_factor(step, steps, warmup)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         history["lr"].append(optimizer.param_groups[0]["lr"])
@@ -561,8 +574,11 @@ def apply_lora(model, r: int = 16, alpha: int = 32, target_modules=LM_LORA_TARGE
 
 
 def trl_trainer(model, processor, data, *, steps: int, batch_size: int = 8, lr: float = 1e-3, warmup: int = 10,
-                output_dir: str = "/tmp/trl_sft", bf16: bool = False, seed: int = 0, **extra):
-    """TRL's ``SFTTrainer`` on the same model, data and collator (so the same labels)."""
+                output_dir: str = "/tmp/trl_sft", bf16: bool = False, seed: int = 0, lr_scales: dict | None = None,
+                stop_at: int | None = None, **extra):
+    """TRL's ``SFTTrainer`` on the same model, data and collator (so the same labels), with the same
+    AdamW groups as ``train`` (``make_optimizer``, handed to the Trainer, which adds the schedule).
+    ``stop_at`` ends training after that many steps while the schedule still spans ``steps``."""
     from trl import SFTConfig, SFTTrainer
 
     collator = SFTCollator(processor)
@@ -579,8 +595,17 @@ def trl_trainer(model, processor, data, *, steps: int, batch_size: int = 8, lr: 
 
     # TRL wants a datasets.Dataset: rows hold only an index; the collator draws the samples themselves.
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"index": list(range(len(data)))}),
-                         processing_class=processor, data_collator=lambda rows: collator([data[r["index"]] for r in rows]))
+                         processing_class=processor, data_collator=lambda rows: collator([data[r["index"]] for r in rows]),
+                         optimizers=(make_optimizer(model, lr, 0.0, lr_scales=lr_scales), None))
     trainer.remove_callback(PrinterCallback)  # its per-step dicts would flood a notebook; read trainer.state.log_history
+    if stop_at is not None:
+        from transformers import TrainerCallback
+
+        class StopAt(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                control.should_training_stop = state.global_step >= stop_at
+
+        trainer.add_callback(StopAt())
     return trainer
 
 
@@ -619,7 +644,7 @@ def run_profile(profile: str | None = None, out=None, steps: int | None = None, 
     before = {split: _summary(evaluate(model, processor, smp)) for split, smp in evals.items()}
     t0 = time.perf_counter()
     result = train(model, processor, data, steps=steps, batch_size=s["batch_size"], grad_accum=s["grad_accum"],
-                   lr=s["lr"], warmup=s["warmup"], seed=s["seed"], num_workers=s["num_workers"] if device == "cuda" else 0,
+                   lr=s["lr"], warmup=s["warmup"], lr_scales=s.get("lr_scales"), seed=s["seed"], num_workers=s["num_workers"] if device == "cuda" else 0,
                    checkpoint_dir=out, progress=progress, log=log, max_seconds=s.get("max_seconds"))
     seconds = time.perf_counter() - t0
     after_full = {split: evaluate(result.model, processor, smp) for split, smp in evals.items()}
@@ -641,6 +666,19 @@ def run_profile(profile: str | None = None, out=None, steps: int | None = None, 
             "loss": h["loss"], "history": h, "examples": shown, "model": result.model, "processor": processor}
 def _summary(result: dict) -> dict:
     return {task: round(v["score"], 4) for task, v in result.items()}
+
+
+def profile_checkpoint_dir(profile: str | None = None) -> Path:
+    """Where the SFT run of a profile is cached: ``cache_dir()/sft-<profile>-<hash of its settings>``
+    (a changed profile gets a new folder). Notebook 10 saves there; GRPO (notebook 11) starts there."""
+    import hashlib
+
+    from helpers.profiles import current_profile
+    from helpers.qwen import cache_dir
+
+    name = current_profile(profile)
+    digest = hashlib.sha256(json.dumps(settings("sft", name), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return cache_dir() / f"sft-{name}-{digest}"
 
 
 def quick_checkpoint(directory, profile: str = "cpu", steps: int | None = None) -> Path:
@@ -885,7 +923,7 @@ def benchmark_3b(mode: str, batch: dict, steps: int = 3, warmup: int = 2, lr: fl
 
 
 def benchmark_loops(model_fn, processor, samples: list[Sample], steps: int = 30, skip: int = 5, batch_size: int = 64,
-                    lr: float = 1e-3, num_workers: int = 0) -> dict:
+                    lr: float = 1e-3, num_workers: int = 0, lr_scales: dict | None = None) -> dict:
     """Tokens/s of our loop vs TRL's ``SFTTrainer`` on the same model (fresh from ``model_fn``),
     batches, collator, loss and optimiser settings; the first ``skip`` steps are not timed."""
     from transformers import TrainerCallback
@@ -893,7 +931,7 @@ def benchmark_loops(model_fn, processor, samples: list[Sample], steps: int = 30,
     n = batch_size * steps
     data = samples[:n]
     ours = train(model_fn(), processor, data, steps=steps, batch_size=batch_size, lr=lr, warmup=2,
-                 num_workers=num_workers, progress=False)
+                 num_workers=num_workers, progress=False, lr_scales=lr_scales)
     h = ours.history
     ours_tps = sum(h["tokens"][skip:]) / (h["seconds"][-1] - h["seconds"][skip - 1])
 
@@ -906,7 +944,7 @@ def benchmark_loops(model_fn, processor, samples: list[Sample], steps: int = 30,
             marks.append(time.perf_counter())
 
     trainer = trl_trainer(model_fn(), processor, data, steps=steps, batch_size=batch_size, lr=lr, warmup=2,
-                          bf16=torch.cuda.is_available(), output_dir=os.path.join(os.environ.get("TMPDIR", "/tmp"), "trl_bench"),
+                          lr_scales=lr_scales, bf16=torch.cuda.is_available(), output_dir=os.path.join(os.environ.get("TMPDIR", "/tmp"), "trl_bench"),
                           dataloader_num_workers=num_workers)
     trainer.add_callback(Clock())
     trainer.train()
@@ -959,7 +997,8 @@ def gpu_report(out_dir, checkpoint_dir, smoke: bool = False) -> dict:
         steps, batch_size = (4, 4) if smoke else (30, s["batch_size"])
         samples = make_split("train", steps * batch_size, 5, **s["data"])
         metrics["loop_vs_trl"] = benchmark_loops(lambda: model_for_profile("cpu" if smoke else "gpu")[0], processor, samples,
-                                                 steps=steps, skip=2 if smoke else 5, batch_size=batch_size)
+                                                 steps=steps, skip=2 if smoke else 5, batch_size=batch_size,
+                                                 lr=s["lr"], lr_scales=s.get("lr_scales"))
         say(f"loop vs TRL: {metrics['loop_vs_trl']['ours_tokens_per_second']:.0f} vs "
             f"{metrics['loop_vs_trl']['trl_tokens_per_second']:.0f} tokens/s")
     except Exception as error:  # noqa: BLE001  (a missing TRL must not cost the other measurements)

@@ -207,6 +207,7 @@ def test_train_logs_every_step_and_widget_reads_the_rollouts(setup):
     for key in ("reward", "accuracy", "iou", "kl", "completion_length", "loss", "step_seconds", "rollout_tokens_per_s"):
         assert key in history[0]
     assert history[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step: policy = reference
+    assert cfg["freeze_embeddings"] and torch.equal(model.get_input_embeddings().weight, setup["model"].get_input_embeddings().weight)
     view = grpo.rollout_view(step=1, prompt=1, store=store)
     assert len(view.data["texts"]) == 2 and "advantage" in view.html
     demo = grpo.rollout_view()  # no training yet: stand-in rollouts, real rewards

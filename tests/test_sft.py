@@ -116,6 +116,52 @@ def test_schedule_matches_transformers():
             assert sft.lr_factor(step, total, warmup) == pytest.approx(ref(step), abs=1e-12)
 
 
+def test_lr_scales_make_groups_that_the_schedule_keeps(processor, samples):
+    model = tiny_model()
+    optimizer = sft.make_optimizer(model, 1e-3, lr_scales={"model.language_model.norm": 100})
+    scaled = [g for g in optimizer.param_groups if g["lr_scale"] == 100]
+    assert len(scaled) == 1 and scaled[0]["params"] == [model.model.language_model.norm.weight]
+    assert scaled[0]["lr"] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="names no parameter"):
+        sft.make_optimizer(model, 1e-3, lr_scales={"model.no_such_module": 2})
+    result = sft.train(model, processor, samples, steps=3, batch_size=4, lr=1e-3, warmup=1, progress=False,
+                       lr_scales={"model.language_model.norm": 100})
+    lrs = {g["lr_scale"]: g["lr"] for g in result.optimizer.param_groups}
+    assert lrs[100] == pytest.approx(100 * lrs[1.0]) and lrs[1.0] == pytest.approx(1e-3 * sft.lr_factor(2, 3, 1))
+
+
+def test_frozen_table_stays_put_and_a_trainable_one_drifts(processor, samples):
+    """The cpu profile's reason for freezing the tied table: AdamW moves every row, used or not."""
+    frozen, trainable = tiny_model(), tiny_model()
+    frozen.get_input_embeddings().weight.requires_grad_(False)
+    before = trainable.get_input_embeddings().weight.detach().clone()
+    for model in (frozen, trainable):
+        sft.train(model, processor, samples, steps=2, batch_size=4, lr=1e-3, warmup=0, progress=False)
+    assert torch.equal(frozen.get_input_embeddings().weight, before)  # same seed, same start
+    moved = (trainable.get_input_embeddings().weight.detach() - before).norm(dim=-1)
+    assert (moved > 0).float().mean() > 0.99  # far more rows than the ~60 token ids the batches hold
+
+
+def test_trl_trainer_uses_our_groups_and_stops_early(processor, samples, tmp_path):
+    model = tiny_model()
+    trainer = sft.trl_trainer(model, processor, samples, steps=10, stop_at=2, batch_size=4, lr=1e-3, warmup=1,
+                              lr_scales={"model.language_model.norm": 10}, output_dir=str(tmp_path))
+    trainer.train()
+    assert trainer.state.global_step == 2
+    lrs = sorted(g["lr"] for g in trainer.optimizer.param_groups)
+    assert lrs[-1] == pytest.approx(10 * lrs[0])
+
+
+def test_profile_checkpoint_dir_follows_the_settings(monkeypatch):
+    from helpers import grpo, profiles
+
+    first = sft.profile_checkpoint_dir("cpu")
+    assert first == sft.profile_checkpoint_dir("cpu") and first.name.startswith("sft-cpu-")
+    monkeypatch.setitem(profiles.PROFILES["cpu"]["sft"], "steps", 7)
+    assert sft.profile_checkpoint_dir("cpu") != first
+    assert grpo.sft_checkpoint.__doc__ and "profile_checkpoint_dir" in grpo.sft_checkpoint.__doc__
+
+
 # --- training, checkpoints, resume --------------------------------------------------------------
 
 
