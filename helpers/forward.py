@@ -14,7 +14,6 @@ The budget functions work on a model built on the meta device (no memory, real s
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np

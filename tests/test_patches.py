@@ -10,7 +10,6 @@ from PIL import Image
 from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
 import helpers.patches as hp
-from helpers.qwen import CHECKPOINT_MAX_PIXELS, CHECKPOINT_MIN_PIXELS
 
 
 @pytest.fixture(scope="module")
