@@ -226,7 +226,9 @@ def make_optimizer(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95
     ``optimizer_cls_and_kwargs``)."""
     lr_scales = dict(lr_scales or {})
     named = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
-    for prefix in lr_scales:
+    for prefix, factor in lr_scales.items():
+        if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not 0 <= factor < float("inf"):
+            raise ValueError(f"lr_scales[{prefix!r}] = {factor!r}: expected a finite number ≥ 0")
         if not any(n.startswith(prefix) for n, _ in unwrap(model).named_parameters()):
             raise ValueError(f"lr_scales key {prefix!r} names no parameter of this model")
     groups: dict[tuple, list] = {}

@@ -124,6 +124,9 @@ def test_lr_scales_make_groups_that_the_schedule_keeps(processor, samples):
     assert scaled[0]["lr"] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="names no parameter"):
         sft.make_optimizer(model, 1e-3, lr_scales={"model.no_such_module": 2})
+    for bad in (-1, float("nan"), "10", True):
+        with pytest.raises(ValueError, match="finite number"):
+            sft.make_optimizer(model, 1e-3, lr_scales={"model.language_model.norm": bad})
     result = sft.train(model, processor, samples, steps=3, batch_size=4, lr=1e-3, warmup=1, progress=False,
                        lr_scales={"model.language_model.norm": 100})
     lrs = {g["lr_scale"]: g["lr"] for g in result.optimizer.param_groups}
