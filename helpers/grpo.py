@@ -461,12 +461,12 @@ def train(model, processor, prompts: Sequence, cfg: dict, seed: int = 0, ref_mod
 
     rank, world = _rank_world()
     ref_model = ref_model if ref_model is not None else frozen_copy(model)
+    if cfg.get("freeze_embeddings"):  # as in the SFT profiles: AdamW would drift all 151,936 tied rows
+        _unwrap(model).get_input_embeddings().weight.requires_grad_(False)  # before DDP lists the trainable ones
     scorer = CompletionLogProbs(model)
     if world > 1:  # DDP hooks the scorer's forward: gradients are averaged over ranks in backward
         device = next(model.parameters()).device
         scorer = torch.nn.parallel.DistributedDataParallel(scorer, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.get("freeze_embeddings"):  # as in the SFT profiles: AdamW would drift all 151,936 tied rows
-        _unwrap(model).get_input_embeddings().weight.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
                                   weight_decay=cfg.get("weight_decay", 0.0), betas=(0.9, 0.99))
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
