@@ -7,6 +7,7 @@ code to switch: set the variable (or pass ``profile=``) instead.
 
 from __future__ import annotations
 
+import json
 import os
 
 PROFILE_NAMES = ("cpu", "gpu")
@@ -81,3 +82,14 @@ def settings(section: str, profile: str | None = None) -> dict:
     if section not in sections:
         raise KeyError(f"profile {name!r} has no section {section!r}; known: {sorted(sections)}")
     return dict(sections[section])
+
+
+def changed_settings(recorded: dict, current: dict) -> dict:
+    """``{key: (recorded value, current value)}`` for every key whose value differs, compared as
+    JSON (so a tuple in the profile equals the list a metrics file recorded); what notebooks 10 and
+    11 print to say whether a committed GPU run still matches today's profile."""
+    def as_json(value):
+        return json.dumps(value, sort_keys=True, default=str)
+
+    return {key: (recorded.get(key), current.get(key)) for key in sorted(set(recorded) | set(current))
+            if as_json(recorded.get(key)) != as_json(current.get(key))}

@@ -57,6 +57,13 @@ def test_profiles():
         profiles.settings("nope")
 
 
+def test_changed_settings_compares_as_json():
+    recorded = {"lr": 1e-4, "shape_size": [0.2, 0.3], "gone": 1}  # as a metrics.json stores them
+    current = {"lr": 3e-5, "shape_size": (0.2, 0.3), "new": {"a": 1}}
+    assert profiles.changed_settings(recorded, current) == {"gone": (1, None), "lr": (1e-4, 3e-5), "new": (None, {"a": 1})}
+    assert profiles.changed_settings(current, dict(current)) == {}
+
+
 @pytest.mark.parametrize("host, local", [("127.0.0.1", True), ("::1", True), ("localhost", True),
                                          ("10.0.0.1", False), ("huggingface.co", False), ("8.8.8.8", False)])
 def test_only_loopback_counts_as_local(host, local):
