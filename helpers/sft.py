@@ -620,7 +620,7 @@ def model_for_profile(profile: str | None = None, device="cpu"):
     """(model, processor) as the profile says: ``$QWENVL_MODEL`` if set, else the course model
     built from ``course_config(**settings('sft')['model'])``; images limited to the profile's size.
     With ``freeze_embeddings`` the tied embedding / LM head (19.4 M of the course model's 20 M
-    parameters) stays fixed: the cpu profile's AdamW then updates 0.6 M numbers instead of 20 M."""
+    parameters) stays fixed: the cpu profile's AdamW then updates under 1 M numbers instead of 20 M."""
     s = settings("sft", profile)
     side = s["data"]["image_size"]
     checkpoint = os.environ.get("QWENVL_MODEL")
