@@ -337,34 +337,12 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
 # ---------------------------------------------------------------------------------------------
 
 
-def evaluate(model, processor, samples: Sequence, batch_size: int = 32, max_new_tokens: int = 40,
-             progress: bool = False) -> dict:
-    """Greedy answers to ``samples`` scored by ``helpers.rewards.score``.
+def evaluate(model, processor, samples: Sequence, batch_size: int = 32) -> dict:
+    """``helpers.evaluation.evaluate`` summarised: overall ``score``, ``format`` and one score per task
+    (the one evaluator SFT uses too, so an SFT checkpoint scores the same in notebooks 10 and 11)."""
+    from helpers.evaluation import evaluate as evaluate_all, summary
 
-    Returns ``score`` (mean over all samples: exact match for count/attribute, IoU for grounding),
-    ``format`` (parser acceptance rate), per-task means (``count``, ``attribute``, ``grounding``),
-    and the ``predictions``.
-    """
-    from tqdm.auto import tqdm
-
-    predictions = []
-    for start in tqdm(range(0, len(samples), batch_size), desc="evaluate", disable=not progress, leave=False):
-        chunk = samples[start:start + batch_size]
-        predictions += sample_completions(model, processor, chunk, 1, max_new_tokens=max_new_tokens, greedy=True,
-                                          bucket_by_task=True).texts
-    return summarise(samples, predictions)
-
-
-def summarise(samples: Sequence, predictions: Sequence[str]) -> dict:
-    """Scores of ``predictions`` for ``samples``: overall, format rate and per task."""
-    scores = [R.score(s.task, p, s.target) for s, p in zip(samples, predictions)]
-    formats = R.format_reward(completions=list(predictions), task=[s.task for s in samples])
-    out = {"score": sum(scores) / max(len(scores), 1), "format": sum(formats) / max(len(formats), 1),
-           "n": len(scores), "predictions": list(predictions)}
-    for task in R.TASKS:
-        chosen = [v for s, v in zip(samples, scores) if s.task == task]
-        out[task] = sum(chosen) / len(chosen) if chosen else float("nan")
-    return out
+    return summary(evaluate_all(model, processor, samples, batch_size))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,17 +574,19 @@ def trl_timings(trainer) -> dict:
 
 def sft_checkpoint(profile: str | None = None, directory=None, progress: bool = True) -> Path:
     """The SFT checkpoint GRPO starts from: ``directory`` if given, else the course cache
-    (``helpers.sft.profile_checkpoint_dir``: notebook 10 saves its run there). Trains it with
-    ``helpers.sft.quick_checkpoint`` when missing."""
-    from helpers import sft
+    (``helpers.checkpoints.profile_checkpoint_dir``: notebook 10 saves its run there). When it is
+    missing or incomplete, says so and trains it with ``helpers.recipes.run_profile`` (a few minutes
+    on a CPU)."""
+    from helpers import checkpoints, recipes
     from helpers.profiles import current_profile
 
     name = current_profile(profile)
-    path = Path(directory) if directory is not None else sft.profile_checkpoint_dir(name)
-    if not (path / "config.json").is_file():
+    path = Path(directory) if directory is not None else checkpoints.profile_checkpoint_dir(name)
+    if not checkpoints.is_complete(path):
         if progress:
-            print(f"no SFT checkpoint yet: training one with helpers.sft ({name} profile)")
-        sft.quick_checkpoint(path, profile=name)
+            print(f"no complete SFT checkpoint at {path.name!r} (run notebook 10 first to reuse one): "
+                  f"training it now with helpers.recipes.run_profile({name!r})")
+        recipes.run_profile(name, out=path, progress=progress, evaluate_splits=False)
     return path
 
 
@@ -811,7 +791,7 @@ def _init_distributed() -> tuple[int, int]:
 
 
 def _scores(result: dict) -> dict:
-    return {k: round(result[k], 4) for k in ("score", "format", *R.TASKS) if not math.isnan(result[k])}
+    return {k: round(v, 4) for k, v in result.items()}
 
 
 def run(profile: str | None = None, out=None, sft_dir=None, seeds=None, steps=None, n_eval=None, smoke=False,

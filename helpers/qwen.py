@@ -440,7 +440,24 @@ def load_model(
         return loaded.to(device).eval()
     torch.manual_seed(seed)
     built = Qwen2_5_VLForConditionalGeneration(config or course_config())
+    init_embeddings(built)
     return built.to(device=device, dtype=dtype).eval()
+
+
+def init_embeddings(model: Qwen2_5_VLForConditionalGeneration) -> Qwen2_5_VLForConditionalGeneration:
+    """Redraw the (tied) embedding table at std 1/√d, so each row has norm ≈ 1.
+
+    transformers' ``_init_weights`` draws it at ``initializer_range`` = 0.02 like every linear
+    layer; at d = 128 a row's norm is then 0.23 and the tied LM head's largest logit (|h| = √d after
+    the final RMSNorm) is about 2.6, far below the ln V ≈ 11.9 a confident answer over 151,936 tokens
+    needs. At std 1/√d the logits can reach √d ≈ 11 from the first step, without a learning-rate
+    factor on the norm. Only the randomly initialised course model gets this; a checkpoint keeps its
+    own weights.
+    """
+    table = model.get_input_embeddings().weight
+    with torch.no_grad():
+        table.normal_(0.0, table.shape[1] ** -0.5)
+    return model
 
 
 def parameter_count(module: torch.nn.Module) -> int:

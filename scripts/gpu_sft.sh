@@ -26,4 +26,4 @@ fi
 export PYTHONUNBUFFERED=1 QWENVL_PROFILE=gpu TOKENIZERS_PARALLELISM=false
 SMOKE_FLAG=()
 if [ -n "${SFT_SMOKE:-}" ]; then SMOKE_FLAG=(--smoke); export QWENVL_PROFILE=cpu; fi
-"$PY" -m helpers.sft --out "$CKPT_DIR" --report "$OUT_DIR" "${SMOKE_FLAG[@]}"
+"$PY" scripts/gpu_sft.py --out "$CKPT_DIR" --report "$OUT_DIR" "${SMOKE_FLAG[@]}"

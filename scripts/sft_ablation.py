@@ -35,28 +35,26 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 
 
 def run_variant(name: str, n_eval: int) -> dict:
-    """Train one variant in this process and score it on ``n_eval`` test samples."""
+    """Train one variant in this process and score it on ``n_eval`` test samples, beside the
+    image-blind baselines of those samples."""
     import torch
 
     torch.set_num_threads(int(os.environ.get("ABLATION_THREADS", "1")))
     from helpers.data import make_split
-    from helpers.profiles import PROFILES
-    from helpers.sft import evaluate, run_profile
+    from helpers.evaluation import blind_baselines, evaluate, score_table
+    from helpers.recipes import recipe, run_profile
 
-    overrides = json.loads(json.dumps(VARIANTS[name][1]))
-    profile = PROFILES["cpu"]["sft"]
-    profile["data"] = {**profile["data"], **overrides.pop("data", {})}
-    profile.update(overrides)
+    overrides = VARIANTS[name][1]
+    r = recipe("cpu", overrides=overrides)
     start = time.perf_counter()
-    run = run_profile("cpu", progress=False, evaluate_splits=False)
+    run = run_profile("cpu", progress=False, evaluate_splits=False, overrides=overrides)
     seconds = time.perf_counter() - start
-    test = make_split("test", n_eval, 0, **profile["data"])  # seed 0: every variant meets the same questions
-    scores = evaluate(run["model"], run["processor"], test)
-    norm = run["model"].model.language_model.norm.weight.detach()
+    test = make_split("test", n_eval, 0, **r["data"])  # seed 0: every variant meets the same questions
+    rows = score_table(evaluate(run["model"], run["processor"], test), blind_baselines(test))
     return {"variant": name, "change": VARIANTS[name][0], "train_seconds": round(seconds, 1),
             "steps": run["steps"], "final_loss": round(sum(run["loss"][-10:]) / 10, 4),
-            "final_norm_weight_mean": round(float(norm.abs().mean()), 3),
-            "test": {task: {"score": round(r["score"], 4), "n": r["n"]} for task, r in scores.items()}}
+            "test": {row["task"]: {"score": round(row["score"], 4), "n": row["n"], "blind": round(row["blind"], 4),
+                                   "p": row["p"]} for row in rows}}
 
 
 def plot(results: list[dict], path: Path) -> None:

@@ -20,23 +20,26 @@ def test_deterministic_by_seed(split):
     assert [s.answer for s in a] != [s.answer for s in c] or [s.question for s in a] != [s.question for s in c]
 
 
-def test_splits_never_share_an_image():
-    seen = {}
-    for split in data.SPLITS:
-        for s in make_split(split, 200):
-            key = np.asarray(s.image).tobytes()
-            assert key not in seen, f"{split} image equals a {seen[key]} image"
-            seen[key] = split
+def test_splits_are_separate_streams_and_ood_images_are_never_training_images():
+    """On a 4 × 4 grid a one-shape image has only 16 × 13 layouts, so train and test can repeat an
+    image (the test split measures the task); the ood split, drawn from held-out pairs, never does."""
+    train = {np.asarray(s.image).tobytes() for s in make_split("train", 300, max_distractors=0)}
+    test = make_split("test", 300, max_distractors=0)
+    ood = make_split("ood", 300, max_distractors=0)
+    assert not any(np.asarray(s.image).tobytes() in train for s in ood)
+    assert [s.question for s in test[:20]] != [s.question for s in make_split("val", 20, max_distractors=0)]
 
 
 @pytest.mark.parametrize("size", [56, 84, 112, 224])
 def test_images_are_at_their_smart_resize_size(size):
-    for s in make_split("train", 20, image_size=size):
+    for s in make_split("train", 20, image_size=size, max_distractors=1):
         assert s.image.size == (size, size)
         assert smart_resize(size, size, 28, 28 * 28, size * size) == (size, size)
         for item in s.shapes:
             x1, y1, x2, y2 = item["bbox"]
-            assert 0 <= x1 < x2 <= size and 0 <= y1 < y2 <= size
+            row, column = item["cell"]
+            assert column * 28 <= x1 < x2 <= (column + 1) * 28 and row * 28 <= y1 < y2 <= (row + 1) * 28
+        assert len({i["cell"] for i in s.shapes}) == len(s.shapes)  # one shape per merged-token cell
 
 
 def _matching(s, colour, shape):
@@ -75,27 +78,38 @@ def test_grounding_box_covers_the_shape_pixels():
         assert inside[:, 0].max() - (y2 - 1) >= -1                                 # and at the bottom
 
 
-def test_ood_is_out_of_distribution():
+def test_ood_asks_only_held_out_pairs_with_the_training_answers():
     train = make_split("train", 400)
     ood = make_split("ood", 200)
-    train_counts = {s.target for s in train if s.task == "count"}
-    ood_counts = {s.target for s in ood if s.task == "count"}
-    assert train_counts == {1, 2, 3, 4} and ood_counts == {5, 6}
-    asked = lambda s: (s.answer, s.question.rstrip("?").split()[-1]) if s.task == "attribute" else tuple(s.question.rstrip("?").split()[-2:])
+
+    def pair(s):
+        words = s.question.rstrip("?").split()
+        if s.task == "attribute":
+            return s.answer, words[-1]
+        return (words[-2], words[-1]) if s.task == "grounding" else (words[2], words[3][:-1])
+
     for s in train:
-        if s.task != "count":
-            assert asked(s) not in HELD_OUT_PAIRS
         assert not any((i["colour"], i["shape"]) in HELD_OUT_PAIRS for i in s.shapes)
-    assert all(asked(s) in HELD_OUT_PAIRS for s in ood if s.task != "count")
+    assert all(pair(s) in HELD_OUT_PAIRS for s in ood)
+    for task in data.TASKS:  # the same answer vocabulary: every ood answer is one training gives
+        assert {str(s.target) for s in ood if s.task == task} <= {str(s.target) for s in train if s.task == task}
 
 
-def test_variety_of_shapes_colours_sizes_positions():
-    samples = make_split("train", 200)
-    items = [i for s in samples for i in s.shapes]
-    assert {i["shape"] for i in items} == set(SHAPES)
-    assert len({i["colour"] for i in items}) >= 4
-    sides = {i["bbox"][2] - i["bbox"][0] for i in items}
-    assert len(sides) >= 8 and len({tuple(i["bbox"][:2]) for i in items}) > 100
+def test_tasks_are_balanced_and_cells_all_used():
+    samples = make_split("train", 600)
+    shares = [sum(s.task == t for s in samples) / len(samples) for t in data.TASKS]
+    assert all(abs(share - 1 / 3) < 0.06 for share in shares)
+    assert {i["cell"] for s in samples for i in s.shapes} == {(r, c) for r in range(4) for c in range(4)}
+    assert {i["shape"] for s in samples for i in s.shapes} == set(SHAPES)
+
+
+def test_position_cue_tints_the_background_by_x_and_y():
+    plain = np.asarray(data.draw_shapes(112, [], position_cue=0.0)).astype(int)
+    tinted = np.asarray(data.draw_shapes(112, [], position_cue=1.0)).astype(int)
+    assert (plain == data.BACKGROUND).all()
+    assert tinted[0, 0].tolist() == list(data.BACKGROUND)
+    assert tinted[0, -1, 0] == data.BACKGROUND[0] - data.CUE_LEVELS and tinted[-1, 0, 2] == data.BACKGROUND[2] - data.CUE_LEVELS
+    assert (np.diff(tinted[0, :, 0]) <= 0).all() and (tinted[:, 0, 0] == tinted[0, 0, 0]).all()
 
 
 def test_answer_texts_and_messages():
@@ -123,13 +137,15 @@ def test_answer_mask_covers_exactly_the_answer():
     (dict(split="dev"), r"split='dev'"),
     (dict(colours=("red", "teal")), r"unknown \['teal'\]"),
     (dict(colours=("red",)), r"at least 2"),
-    (dict(count_range=(0, 3)), r"count_range=\(0, 3\): expected 1 ≤ low ≤ high ≤ 9"),
-    (dict(count_range=(1, 12)), r"≤ 9"),
-    (dict(ood_count_range=(4, 6)), r"must start above"),
+    (dict(count_range=(0, 3)), r"count_range=\(0, 3\): expected 1 ≤ low ≤ high ≤ 16"),
+    (dict(count_range=(1, 17)), r"≤ 16 \(a 112-px image has 16 cells of 28 px\)"),
     (dict(image_size=100), r"image_size=100: expected a multiple of 28"),
     (dict(tasks=("caption",)), r"subset of"),
-    (dict(max_distractors=9), r"max_distractors=9"),
-    (dict(shape_size=(0.3, 0.2)), r"shape_size"),
+    (dict(max_distractors=14), r"max_distractors=14: expected 0 ≤ d ≤ 13"),
+    (dict(shape_size=(22, 20)), r"shape_size=\(22, 20\): expected integers 8 ≤ low ≤ high ≤ 26"),
+    (dict(shape_size=(0.3, 0.4)), r"shape_size"),
+    (dict(position_cue=2), r"position_cue=2: expected a number in \[0, 1\]"),
+    (dict(seed=-1), r"seed=-1: expected an integer ≥ 0"),
 ])
 def test_bad_settings_raise(kwargs, match):
     args = {"split": "train", "n": 4, **kwargs}

@@ -1,5 +1,7 @@
-"""helpers.sft: the collator's labels, our loss against transformers and TRL, resuming, LoRA and
-freezing counts, checkpoints, bad inputs, and the command line under torchrun (2 CPU processes)."""
+"""helpers.sft (with helpers.optim, helpers.checkpoints, helpers.lora, helpers.recipes): the collator's
+keys and labels, M-RoPE positions during training, our loss against transformers and TRL, resuming
+and what it refuses, LoRA and freezing counts, the checkpoint recipe, bad inputs, and the command
+line under torchrun (2 CPU processes)."""
 
 import json
 import os
@@ -13,7 +15,7 @@ import transformers
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
-from helpers import sft
+from helpers import checkpoints, lora, optim, recipes, sft
 from helpers.chat import IGNORE_INDEX
 from helpers.data import make_split
 from helpers.qwen import SPECIAL_TOKENS, course_config, parameter_count, qwen25vl_3b_config
@@ -113,24 +115,24 @@ def test_schedule_matches_transformers():
     for warmup, total in ((0, 10), (3, 20), (10, 50)):
         ref = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr_rate=0.1).lr_lambdas[0]
         for step in range(total):
-            assert sft.lr_factor(step, total, warmup) == pytest.approx(ref(step), abs=1e-12)
+            assert optim.lr_factor(step, total, warmup) == pytest.approx(ref(step), abs=1e-12)
 
 
 def test_lr_scales_make_groups_that_the_schedule_keeps(processor, samples):
     model = tiny_model()
-    optimizer = sft.make_optimizer(model, 1e-3, lr_scales={"model.language_model.norm": 100})
+    optimizer = optim.make_optimizer(model, 1e-3, lr_scales={"model.language_model.norm": 100})
     scaled = [g for g in optimizer.param_groups if g["lr_scale"] == 100]
     assert len(scaled) == 1 and scaled[0]["params"] == [model.model.language_model.norm.weight]
     assert scaled[0]["lr"] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="names no parameter"):
-        sft.make_optimizer(model, 1e-3, lr_scales={"model.no_such_module": 2})
+        optim.make_optimizer(model, 1e-3, lr_scales={"model.no_such_module": 2})
     for bad in (-1, float("nan"), "10", True):
         with pytest.raises(ValueError, match="finite number"):
-            sft.make_optimizer(model, 1e-3, lr_scales={"model.language_model.norm": bad})
+            optim.make_optimizer(model, 1e-3, lr_scales={"model.language_model.norm": bad})
     result = sft.train(model, processor, samples, steps=3, batch_size=4, lr=1e-3, warmup=1, progress=False,
                        lr_scales={"model.language_model.norm": 100})
     lrs = {g["lr_scale"]: g["lr"] for g in result.optimizer.param_groups}
-    assert lrs[100] == pytest.approx(100 * lrs[1.0]) and lrs[1.0] == pytest.approx(1e-3 * sft.lr_factor(2, 3, 1))
+    assert lrs[100] == pytest.approx(100 * lrs[1.0]) and lrs[1.0] == pytest.approx(1e-3 * optim.lr_factor(2, 3, 1))
 
 
 def test_frozen_table_stays_put_and_a_trainable_one_drifts(processor, samples):
@@ -156,13 +158,15 @@ def test_trl_trainer_uses_our_groups_and_stops_early(processor, samples, tmp_pat
 
 
 def test_profile_checkpoint_dir_follows_the_settings(monkeypatch):
-    from helpers import grpo, profiles
+    from helpers import profiles
 
-    first = sft.profile_checkpoint_dir("cpu")
-    assert first == sft.profile_checkpoint_dir("cpu") and first.name.startswith("sft-cpu-")
+    first = checkpoints.profile_checkpoint_dir("cpu")
+    assert first == checkpoints.profile_checkpoint_dir("cpu") and first.name.startswith("sft-cpu-")
+    edited = profiles.settings("sft", "cpu")
+    edited["data"]["image_size"] = 999  # a copy: the profile and its folder stay as they were
+    assert checkpoints.profile_checkpoint_dir("cpu") == first
     monkeypatch.setitem(profiles.PROFILES["cpu"]["sft"], "steps", 7)
-    assert sft.profile_checkpoint_dir("cpu") != first
-    assert grpo.sft_checkpoint.__doc__ and "profile_checkpoint_dir" in grpo.sft_checkpoint.__doc__
+    assert checkpoints.profile_checkpoint_dir("cpu") != first
 
 
 # --- training, checkpoints, resume --------------------------------------------------------------
@@ -184,13 +188,13 @@ def test_checkpoint_loads_with_the_course_loaders(processor, samples, tmp_path):
     from helpers.qwen import load_model, load_processor
 
     model = tiny_model()
-    sft.save_checkpoint(tmp_path, model, processor, {"step": 0})
+    checkpoints.save_checkpoint(tmp_path, model, processor, {"step": 0})
     batch = sft.SFTCollator(processor)(samples[:3])
     again = load_model(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(sft.labelled_loss(again, batch), sft.labelled_loss(model, batch), atol=0, rtol=0)
     assert load_processor(tmp_path).tokenizer.convert_tokens_to_ids("<|im_end|>") == SPECIAL_TOKENS["<|im_end|>"]
-    m, p, state = sft.load_checkpoint(tmp_path, expect_config=model.config)
+    m, p, state = checkpoints.load_checkpoint(tmp_path, expect_config=model.config)
     assert state["step"] == 0
 
 
@@ -198,8 +202,8 @@ def test_checkpoint_loads_with_the_course_loaders(processor, samples, tmp_path):
 
 
 def test_lora_trains_only_the_language_model():
-    model = sft.apply_lora(tiny_model(), r=4)
-    groups = sft.trainable_by_module(model)
+    model = lora.apply_lora(tiny_model(), r=4)
+    groups = lora.trainable_by_module(model)
     assert groups["vision: blocks"][0] == groups["vision: merger"][0] == groups["vision: patch embed"][0] == 0
     assert groups["LM: embeddings (= tied head)"][0] == 0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -210,17 +214,17 @@ def test_lora_trains_only_the_language_model():
 
 
 def test_bare_module_names_also_hit_the_vision_tower():
-    naive = sft.apply_lora(tiny_model(), r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    assert sft.trainable_by_module(naive)["vision: blocks"][0] > 0
-    merger = sft.apply_lora(tiny_model(), r=4, train_merger=True)
-    groups = sft.trainable_by_module(merger)
+    naive = lora.apply_lora(tiny_model(), r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    assert lora.trainable_by_module(naive)["vision: blocks"][0] > 0
+    merger = lora.apply_lora(tiny_model(), r=4, train_merger=True)
+    groups = lora.trainable_by_module(merger)
     merger = sum(p.numel() for n, p in tiny_model().named_parameters() if ".merger." in n)
     assert groups["vision: merger"][0] == merger  # modules_to_save: a trainable copy of the merger
 
 
 def test_freeze_vision_counts():
-    model = sft.freeze_vision(tiny_model(), train_merger=True)
-    groups = sft.trainable_by_module(model)
+    model = lora.freeze_vision(tiny_model(), train_merger=True)
+    groups = lora.trainable_by_module(model)
     assert groups["vision: blocks"][0] == 0 and groups["vision: merger"][0] == groups["vision: merger"][1] > 0
     assert sum(t for t, _ in groups.values()) + sum(
         p.numel() for n, p in model.named_parameters() if not p.requires_grad) == parameter_count(model)
@@ -229,11 +233,11 @@ def test_freeze_vision_counts():
 def test_3b_counts_on_meta():
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(qwen25vl_3b_config())
-    groups = sft.trainable_by_module(model)
+    groups = lora.trainable_by_module(model)
     assert sum(total for _, total in groups.values()) == parameter_count(model)
     assert parameter_count(model) == 3_754_622_976  # DESIGN §5 quotes 3.754 B (truncated)
-    lora = sft.apply_lora(model, r=16)
-    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    wrapped = lora.apply_lora(model, r=16)
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     d, mlp, kv, layers = 2048, 11008, 256, 36
     assert trainable == layers * 16 * ((d + d) * 2 + (d + kv) * 2 + (d + mlp) * 2 + (mlp + d))
 
@@ -255,32 +259,26 @@ def test_truncated_answer_raises(processor, samples):
 
 def test_bad_checkpoint_dirs(processor, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        sft.load_checkpoint(tmp_path / "nope")
-    sft.save_checkpoint(tmp_path, tiny_model(), processor)
+        checkpoints.load_checkpoint(tmp_path / "nope")
+    checkpoints.save_checkpoint(tmp_path, tiny_model(), processor)
     with pytest.raises(ValueError, match=r"from another config: text.hidden_size = 64 there, 128 expected"):
-        sft.load_checkpoint(tmp_path, expect_config=course_config())
-    with pytest.raises(FileNotFoundError, match="cannot be resumed"):
-        sft.train(tiny_model(), processor, make_split("train", 4, **DATA), steps=1, resume_from=tmp_path, progress=False)
+        checkpoints.load_checkpoint(tmp_path, expect_config=course_config())
+    model = tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(FileNotFoundError, match="not a complete resumable checkpoint"):
+        sft.train(model, processor, make_split("train", 4, **DATA), steps=1, resume_from=tmp_path, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the caller's model untouched
 
 
 def test_bad_training_settings(processor):
-    with pytest.raises(ValueError, match="each must be ≥ 1"):
+    with pytest.raises(ValueError, match=r"steps=0: expected an integer ≥ 1"):
         sft.train(tiny_model(), processor, [], steps=0)
+    with pytest.raises(ValueError, match=r"lr=5: expected a learning rate in \(0, 1\)"):
+        sft.train(tiny_model(), processor, [], steps=1, lr=5)
     with pytest.raises(ValueError, match="samples is empty"):
         sft.encode_samples(processor, [])
     with pytest.raises(ValueError, match="max_length=0"):
         sft.SFTCollator(processor, max_length=0)
-
-
-# --- evaluation ---------------------------------------------------------------------------------------
-
-
-def test_evaluate_scores_per_task(processor):
-    samples = make_split("val", 6, **DATA)
-    result = sft.evaluate(tiny_model(), processor, samples, batch_size=4)
-    assert set(result) == {s.task for s in samples}
-    assert sum(v["n"] for v in result.values()) == 6
-    assert all(0.0 <= v["score"] <= 1.0 for v in result.values())
 
 
 # --- the command line under torchrun, 2 CPU processes (gloo) -------------------------------------------
@@ -297,3 +295,134 @@ def test_torchrun_two_processes(tmp_path):
     assert result["world"] == 2 and result["steps"] == 3 and len(result["loss"]) == 3
     assert (out / "model.safetensors").is_file()
     assert json.loads((out / "trainer_state.json").read_text())["step"] == 3
+
+
+# --- M-RoPE reaches the model (trap #18) -------------------------------------------------------------
+
+
+def test_collator_keys_are_the_processors_plus_labels_and_trls(processor, samples):
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    from helpers.data import sample_messages
+
+    ours = sft.SFTCollator(processor)(samples[:3])
+    text = [processor.apply_chat_template(sample_messages(s), tokenize=False) for s in samples[:3]]
+    processed = processor(text=text, images=[s.image for s in samples[:3]], padding=True, return_tensors="pt")
+    rows = [{"images": [s.image], "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}],
+             "completion": [{"role": "assistant", "content": [{"type": "text", "text": s.answer}]}]} for s in samples[:3]]
+    theirs = DataCollatorForVisionLanguageModeling(processor=processor, completion_only_loss=True)(rows)
+    assert set(ours) == set(processed) | {"labels"} == set(theirs)
+    assert set(sft.MODEL_INPUTS) == set(processed)
+    assert torch.equal(ours["mm_token_type_ids"], (ours["input_ids"] == sft.IMAGE_PAD).long())
+
+
+def test_training_forward_receives_the_3d_positions_of_get_rope_index(processor, samples):
+    """Capture the position ids the language model gets inside an SFT training step."""
+    model = tiny_model()
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["position_ids"].detach().clone()), with_kwargs=True)
+    sft.train(model, processor, samples[:4], steps=1, batch_size=4, lr=1e-3, warmup=0, progress=False)
+    hook.remove()
+    batch = sft.SFTCollator(processor)(samples[:4])
+    want, _ = model.model.get_rope_index(batch["input_ids"], image_grid_thw=batch["image_grid_thw"],
+                                         attention_mask=batch["attention_mask"], mm_token_type_ids=batch["mm_token_type_ids"])
+    (got,) = seen
+    got = got[-3:]  # transformers may prepend a text-position row
+    assert torch.equal(got, want)
+    image = batch["input_ids"][0] == sft.IMAGE_PAD
+    assert len(set(zip(*(got[k, 0, image].tolist() for k in range(3))))) == int(image.sum())  # each image token its own (t, h, w)
+
+
+def test_sft_and_grpo_evaluations_agree(processor):
+    """One checkpoint, the two trainings' evaluation paths: GRPO's greedy rollouts give the answers
+    helpers.evaluation generates, and grpo.evaluate reports the same scores."""
+    from helpers import evaluation, grpo
+
+    model = tiny_model()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    samples = make_split("val", 9, **DATA)
+    ours = evaluation.generate_answers(model, processor, samples, max_new_tokens=8)
+    rollout = grpo.sample_completions(model, processor, samples, 1, max_new_tokens=8, greedy=True)
+    assert rollout.texts == ours
+    full = evaluation.evaluate(model, processor, samples, batch_size=4)
+    assert grpo.evaluate(model, processor, samples, batch_size=4) == evaluation.summary(full)
+
+
+# --- recipes ------------------------------------------------------------------------------------------
+
+
+def test_course_recipe_has_no_learning_rate_factors():
+    r = recipes.recipe("cpu")
+    assert r["kind"] == "course model" and r["model_path"] is None and not r["lr_scales"]
+
+
+@pytest.mark.parametrize("method, lr", [("lora", 2e-4), ("full", 1e-5)])
+def test_a_saved_checkpoint_gets_the_checkpoint_recipe(processor, tmp_path, monkeypatch, method, lr):
+    from helpers import profiles
+
+    checkpoints.save_checkpoint(tmp_path / "real", tiny_model(), processor, {"step": 0})
+    monkeypatch.setenv("QWENVL_MODEL", str(tmp_path / "real"))
+    monkeypatch.setitem(profiles.PROFILES["cpu"]["checkpoint"], "method", method)
+    r = recipes.recipe("cpu")
+    assert (r["kind"], r["method"], r["lr"], r["lr_scales"], r["freeze_embeddings"]) == ("checkpoint", method, lr, None, False)
+    model, loaded = recipes.model_for_profile("cpu")
+    groups = lora.trainable_by_module(model)
+    assert groups["vision: blocks"][0] == groups["vision: patch embed"][0] == 0
+    if method == "lora":
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert names and all("lora_" in n for n in names)
+    else:
+        assert groups["vision: merger"][0] == groups["vision: merger"][1] and groups["LM: decoder layers"][0] > 0
+        assert groups["LM: embeddings (= tied head)"][0] == groups["LM: embeddings (= tied head)"][1]
+
+
+# --- checkpoints: atomic, and resume refuses a different run -----------------------------------------
+
+
+def test_a_save_leaves_no_file_of_an_earlier_one(processor, samples, tmp_path):
+    run = sft.train(tiny_model(), processor, samples, steps=1, batch_size=2, progress=False)
+    checkpoints.save_checkpoint(tmp_path / "c", run.model, processor, {"step": 1}, run.optimizer)
+    assert (tmp_path / "c" / checkpoints.OPTIMIZER_FILE).is_file()
+    checkpoints.save_checkpoint(tmp_path / "c", run.model, processor, {"step": 1})
+    assert not (tmp_path / "c" / checkpoints.OPTIMIZER_FILE).exists()
+    assert checkpoints.is_complete(tmp_path / "c") and sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    (tmp_path / "c" / checkpoints.WEIGHTS_FILE).write_bytes(b"truncated")
+    assert not checkpoints.is_complete(tmp_path / "c")
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"batch_size": 2}, r"batch_size = 3 there, 2 here"),
+    ({"lr": 1e-3}, r"lr = 0.003 there, 0.001 here"),
+    ({"steps": 8}, r"steps = 6 there, 8 here"),
+])
+def test_resume_refuses_another_run(processor, samples, tmp_path, change, match):
+    kwargs = dict(steps=6, batch_size=3, grad_accum=1, lr=3e-3, warmup=2, progress=False)
+    sft.train(tiny_model(), processor, samples, checkpoint_dir=tmp_path, stop_at=2, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        sft.train(tiny_model(), processor, samples, resume_from=tmp_path, **{**kwargs, **change})
+
+
+def test_resume_refuses_other_trainable_parameters_and_a_finished_run(processor, samples, tmp_path):
+    kwargs = dict(steps=2, batch_size=3, lr=3e-3, warmup=0, progress=False)
+    sft.train(tiny_model(), processor, samples, checkpoint_dir=tmp_path, **kwargs)
+    with pytest.raises(ValueError, match="at step 2, and steps=2 leaves nothing to train"):
+        sft.train(tiny_model(), processor, samples, resume_from=tmp_path, **kwargs)
+    frozen = lora.freeze_vision(tiny_model())
+    with pytest.raises(ValueError, match="trainable = "):
+        sft.train(frozen, processor, samples, resume_from=tmp_path, **kwargs)
+
+
+def test_answer_average_weighs_each_answer_equally(processor, samples):
+    model = tiny_model()
+    batch = sft.SFTCollator(processor)(samples[:5])
+    with torch.no_grad():
+        got = sft.labelled_loss(model, batch, "answer_sum")
+        want = sum(sft.labelled_loss(model, {k: (v[row:row + 1] if k not in ("pixel_values", "image_grid_thw") else v)
+                                             for k, v in sft.SFTCollator(processor)([samples[row]]).items()})
+                   for row in range(5))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="average='sample'"):
+        sft.train(model, processor, samples, steps=1, average="sample", progress=False)
