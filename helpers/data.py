@@ -62,7 +62,7 @@ HELD_OUT_PAIRS = (("red", "triangle"), ("blue", "circle"))
 DEFAULTS = dict(
     image_size=112,          # pixels per side, a multiple of 28: a 4 × 4 grid of cells
     tasks=TASKS,
-    task_weights=None,       # None → equal shares
+    task_weights=None,       # None → equal shares, exactly (tasks take turns by index)
     count_range=(1, 3),      # how many shapes of the asked kind a count question shows (every split)
     max_distractors=2,       # other shapes besides the asked-about ones
     shape_size=(20, 20),     # side of a shape in pixels, centred in its 28-px cell
@@ -227,8 +227,11 @@ def make_sample(split: str, index: int, seed: int = 0, **options) -> Sample:
 
 def _sample(split: str, index: int, seed: int, opts: dict) -> Sample:
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
-    weights = np.asarray(opts["task_weights"] or [1.0] * len(opts["tasks"]), dtype=float)
-    task = opts["tasks"][rng.choice(len(opts["tasks"]), p=weights / weights.sum())]
+    if opts["task_weights"] is None:  # equal shares, exactly: the tasks take turns by index
+        task = opts["tasks"][index % len(opts["tasks"])]
+    else:
+        weights = np.asarray(opts["task_weights"], dtype=float)
+        task = opts["tasks"][rng.choice(len(opts["tasks"]), p=weights / weights.sum())]
     question, answer, target, shapes = _make_one(rng, task, split, opts)
     image = draw_shapes(opts["image_size"], shapes, opts["position_cue"])
     return Sample(image, task, question, answer, target, shapes, split, index, seed)

@@ -440,23 +440,30 @@ def load_model(
         return loaded.to(device).eval()
     torch.manual_seed(seed)
     built = Qwen2_5_VLForConditionalGeneration(config or course_config())
-    init_embeddings(built)
+    init_logit_scale(built)
     return built.to(device=device, dtype=dtype).eval()
 
 
-def init_embeddings(model: Qwen2_5_VLForConditionalGeneration) -> Qwen2_5_VLForConditionalGeneration:
-    """Redraw the (tied) embedding table at std 1/√d, so each row has norm ≈ 1.
+#: Initial weight of the course model's final RMSNorm (transformers initialises it at 1).
+LOGIT_SCALE_INIT = 8.0
 
-    transformers' ``_init_weights`` draws it at ``initializer_range`` = 0.02 like every linear
-    layer; at d = 128 a row's norm is then 0.23 and the tied LM head's largest logit (|h| = √d after
-    the final RMSNorm) is about 2.6, far below the ln V ≈ 11.9 a confident answer over 151,936 tokens
-    needs. At std 1/√d the logits can reach √d ≈ 11 from the first step, without a learning-rate
-    factor on the norm. Only the randomly initialised course model gets this; a checkpoint keeps its
-    own weights.
+
+def init_logit_scale(model: Qwen2_5_VLForConditionalGeneration, scale: float = LOGIT_SCALE_INIT):
+    """Start the final RMSNorm's weight at ``scale`` instead of 1: the one init choice of the course
+    model that differs from transformers' ``_init_weights`` (notebook 10, appendix).
+
+    With the tied embedding drawn at ``initializer_range`` = 0.02, a row's norm is 0.02·√d ≈ 0.23 at
+    d = 128 and the RMSNorm output has norm √d·w, so the largest logit the LM head can give is about
+    0.02·d·w = 2.6·w: at w = 1 far below the ln V ≈ 11.9 that a confident answer over 151,936 tokens
+    needs, and the norm's 128 weights would need thousands of steps at lr 1e-3 to grow. At w = 8 it is
+    about 20 from the first step, so training needs no per-module learning-rate factor. (Drawing the
+    table larger instead, e.g. at std 1/√d, lets the fixed token vectors swamp what the layers add to
+    the residual stream: ``scripts/sft_ablation.py`` measures it.) A checkpoint keeps its own weights.
     """
-    table = model.get_input_embeddings().weight
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not 0 < scale < float("inf"):
+        raise ValueError(f"scale={scale!r}: expected a finite number > 0")
     with torch.no_grad():
-        table.normal_(0.0, table.shape[1] ** -0.5)
+        model.model.language_model.norm.weight.fill_(float(scale))
     return model
 
 

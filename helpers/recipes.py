@@ -54,7 +54,8 @@ def recipe(profile: str | None = None, model: str | os.PathLike | None = None, o
     if method not in ("lora", "full"):
         raise ValueError(f"checkpoint method={method!r}: expected 'lora' or 'full'")
     return {**course, **{k: v for k, v in ckpt.items() if k != "lr"}, "lr": ckpt["lr"][method],
-            "kind": "checkpoint", "model_path": str(path), "freeze_embeddings": False, "lr_scales": None}
+            "kind": "checkpoint", "model_path": str(path), "freeze_embeddings": False, "lr_scales": None,
+            "logit_scale_init": None, "embedding_std": None}
 
 
 def model_for_profile(profile: str | None = None, device="cpu", model: str | os.PathLike | None = None,
@@ -74,9 +75,26 @@ def model_for_profile(profile: str | None = None, device="cpu", model: str | os.
         return (freeze_vision(built, train_merger=r["train_merger"]) if r["freeze_vision"] else built), processor
     processor = load_processor(min_pixels=28 * 28, max_pixels=side * side)
     built = load_model(config=course_config(**r["model"]), seed=r["seed"], device=device)
+    init_course_model(built, r["embedding_std"], r["logit_scale_init"], r["seed"])
     if r.get("freeze_embeddings"):
         unwrap(built).get_input_embeddings().weight.requires_grad_(False)
     return built, processor
+
+
+def init_course_model(model, embedding_std: float, logit_scale: float, seed: int = 0):
+    """Apply the recipe's two from-scratch init choices to a freshly built course model: the tied
+    embedding table redrawn at ``embedding_std`` (unless it is transformers' ``initializer_range``,
+    which ``load_model`` already used) and the final norm at ``logit_scale``
+    (``helpers.qwen.init_logit_scale``). ``scripts/sft_ablation.py`` varies both."""
+    from helpers.qwen import init_logit_scale
+
+    if isinstance(embedding_std, bool) or not (isinstance(embedding_std, (int, float)) and 0 < embedding_std < float("inf")):
+        raise ValueError(f"embedding_std={embedding_std!r}: expected a finite number > 0")
+    table = model.get_input_embeddings().weight
+    if embedding_std != model.config.get_text_config().initializer_range:
+        with torch.no_grad():
+            table.normal_(0.0, embedding_std, generator=torch.Generator().manual_seed(seed))
+    return init_logit_scale(model, logit_scale)
 
 
 def eval_splits(n: int | None = None, profile: str | None = None, seed: int = 0) -> dict:
@@ -102,7 +120,7 @@ def run_profile(profile: str | None = None, out=None, steps: int | None = None, 
     lora = r["method"] == "lora"
     t0 = time.perf_counter()
     result = train(net, processor, data, steps=steps, batch_size=r["batch_size"], grad_accum=r["grad_accum"],
-                   lr=r["lr"], warmup=r["warmup"], lr_scales=r.get("lr_scales"), seed=r["seed"],
+                   lr=r["lr"], warmup=r["warmup"], lr_scales=r.get("lr_scales"), seed=r["seed"], average=r.get("average", "token"),
                    num_workers=r["num_workers"] if device == "cuda" else 0, checkpoint_dir=None if lora else out,
                    progress=progress, log=log, max_seconds=r.get("max_seconds"))
     seconds = time.perf_counter() - t0

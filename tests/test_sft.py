@@ -359,6 +359,32 @@ def test_course_recipe_has_no_learning_rate_factors():
     assert r["kind"] == "course model" and r["model_path"] is None and not r["lr_scales"]
 
 
+def test_course_model_starts_with_room_for_confident_logits():
+    """The final norm at 8 gives the tied head a largest logit well above ln V from step 0."""
+    import math
+
+    model, _ = recipes.model_for_profile("cpu")
+    table = model.get_input_embeddings().weight
+    norm = model.model.language_model.norm.weight
+    assert torch.all(norm == 8.0) and abs(float(table.std()) - 0.02) < 1e-3 and not table.requires_grad
+    reach = float(table.norm(dim=-1).mean()) * math.sqrt(table.shape[1]) * 8.0
+    assert reach > math.log(table.shape[0]) + 5
+
+
+def test_init_course_model_redraws_the_table_and_rejects_bad_values():
+    from helpers.qwen import init_logit_scale
+
+    model = tiny_model()
+    recipes.init_course_model(model, 0.25, 1.0, seed=0)
+    assert abs(float(model.get_input_embeddings().weight.std()) - 0.25) < 0.01
+    assert torch.all(model.model.language_model.norm.weight == 1.0)
+    for bad in (0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="scale="):
+            init_logit_scale(model, bad)
+        with pytest.raises(ValueError, match="embedding_std="):
+            recipes.init_course_model(model, bad, 8.0)
+
+
 @pytest.mark.parametrize("method, lr", [("lora", 2e-4), ("full", 1e-5)])
 def test_a_saved_checkpoint_gets_the_checkpoint_recipe(processor, tmp_path, monkeypatch, method, lr):
     from helpers import profiles
@@ -368,6 +394,7 @@ def test_a_saved_checkpoint_gets_the_checkpoint_recipe(processor, tmp_path, monk
     monkeypatch.setitem(profiles.PROFILES["cpu"]["checkpoint"], "method", method)
     r = recipes.recipe("cpu")
     assert (r["kind"], r["method"], r["lr"], r["lr_scales"], r["freeze_embeddings"]) == ("checkpoint", method, lr, None, False)
+    assert r["logit_scale_init"] is None and r["embedding_std"] is None  # no from-scratch init on a checkpoint
     model, loaded = recipes.model_for_profile("cpu")
     groups = lora.trainable_by_module(model)
     assert groups["vision: blocks"][0] == groups["vision: patch embed"][0] == 0
