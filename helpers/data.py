@@ -55,7 +55,7 @@ CELL = 28
 #: Background at the top-left corner; ``position_cue`` darkens red to the right and blue downwards.
 BACKGROUND = (250, 246, 250)
 #: Largest tint (in 0–255 levels, at the far edge) for ``position_cue=1``.
-CUE_LEVELS = 60
+CUE_LEVELS = 180
 #: Colour–shape pairs that only the ``ood`` split shows.
 HELD_OUT_PAIRS = (("red", "triangle"), ("blue", "circle"))
 
@@ -146,12 +146,14 @@ def _check_options(split: str, n: int, options: dict) -> dict:
 
 
 def _background(size: int, cue: float) -> np.ndarray:
-    """(size, size, 3) uint8: ``BACKGROUND`` with red falling left → right and blue top → bottom."""
-    ramp = np.linspace(0.0, 1.0, size) * CUE_LEVELS * cue
+    """(size, size, 3) uint8: ``BACKGROUND`` with each 28-px cell's red lowered by its column and its
+    blue by its row (a step per cell, up to ``CUE_LEVELS · cue`` at the far cells)."""
+    cells = grid_cells(size)
+    steps = np.repeat(np.arange(cells) / max(1, cells - 1), CELL) * CUE_LEVELS * cue
     image = np.empty((size, size, 3), dtype=np.float64)
-    image[..., 0] = BACKGROUND[0] - ramp[None, :]
+    image[..., 0] = BACKGROUND[0] - steps[None, :]
     image[..., 1] = BACKGROUND[1]
-    image[..., 2] = BACKGROUND[2] - ramp[:, None]
+    image[..., 2] = BACKGROUND[2] - steps[:, None]
     return np.rint(image).astype(np.uint8)
 
 
