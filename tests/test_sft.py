@@ -329,7 +329,8 @@ def test_training_forward_receives_the_3d_positions_of_get_rope_index(processor,
                                          attention_mask=batch["attention_mask"], mm_token_type_ids=batch["mm_token_type_ids"])
     (got,) = seen
     got = got[-3:]  # transformers may prepend a text-position row
-    assert torch.equal(got, want)
+    real = batch["attention_mask"].bool()  # padding positions carry no meaning (the two fill them differently)
+    assert torch.equal(got[:, real], want[:, real])
     image = batch["input_ids"][0] == sft.IMAGE_PAD
     assert len(set(zip(*(got[k, 0, image].tolist() for k in range(3))))) == int(image.sum())  # each image token its own (t, h, w)
 
