@@ -44,9 +44,15 @@ def format_data(image, prompt: str, answer: str | None = None, system: str | Non
 
 
 def assistant_loss_mask(input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    """1 on each assistant answer and its closing ``<|im_end|>``, 0 elsewhere (same shape as
-    ``input_ids``, 1-D or 2-D). Works on token ids alone, so it holds for any chat template
-    producing Qwen2.5-VL's format and for left or right padding.
+    """1 on every token that holds characters of an assistant answer, and on the ``<|im_end|>``
+    that closes it; 0 elsewhere (same shape as ``input_ids``, 1-D or 2-D): the tokens whose
+    character offsets overlap an answer, found from token ids alone, so it holds for any chat
+    template producing Qwen2.5-VL's format and for left or right padding.
+
+    The header ``<|im_start|>assistant\\n`` is found by its first two tokens only: its newline can
+    merge with an answer's leading whitespace (an answer "\\nHi" gives "\\n\\n", id 271, then
+    "Hi"). The token after ``assistant`` is the header's alone when it is "\\n" (id 198); any
+    other token there also holds the answer's first characters, so it carries loss.
     """
     ids = torch.as_tensor(input_ids)
     if ids.dim() == 2:
@@ -55,11 +61,13 @@ def assistant_loss_mask(input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor
         raise ValueError(f"input_ids has shape {tuple(ids.shape)}: expected 1-D or 2-D")
     mask = torch.zeros_like(ids, dtype=torch.long)
     values = ids.tolist()
-    header = len(ASSISTANT_HEADER)
+    role = ASSISTANT_HEADER[:2]  # <|im_start|>, "assistant"
     position = 0
     while position < len(values):
-        if tuple(values[position:position + header]) == ASSISTANT_HEADER:
-            start = position + header
+        if tuple(values[position:position + 2]) == role:
+            start = position + 2
+            if start < len(values) and values[start] == ASSISTANT_HEADER[2]:
+                start += 1  # the header's own newline, not merged with the answer
             end = start
             while end < len(values) and values[end] != IM_END:
                 end += 1

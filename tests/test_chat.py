@@ -161,3 +161,56 @@ def test_loss_mask_figure_rows():
     ids = np.array([[151644, 15, 151645, 151643], [151644, 16, 17, 151645]])
     figure = chat.loss_mask_figure(ids, assistant_loss_mask(ids), pad_id=151643)
     assert len(figure.axes[0].get_yticks()) == 4
+
+
+# Answers whose first characters can merge with the header's newline, and special characters.
+EDGE_ANSWERS = ["\n\nHello", "\nHello", "\n", "\n\n\n", " Hello", "  Hello", "\tHello", "\r\nHello",
+                " \nHello", "\n \nHello", "\t\n\tx", "```json\n[]\n```", "<box>(1,2)</box>", "😀 smile",
+                "é", "'s fine", "42", "-", "Hello\n", "", " "]
+
+
+def _offset_mask(text, tokenizer):
+    """Reference: a token carries loss when its characters overlap an answer or its <|im_end|>
+    (character offsets of the fast tokenizer; answer spans found in the prompt text)."""
+    header, end_tag = "<|im_start|>assistant\n", "<|im_end|>"
+    spans, cursor = [], text.find(header)
+    while cursor >= 0:
+        start = cursor + len(header)
+        end = text.index(end_tag, start) + len(end_tag)
+        spans.append((start, end))
+        cursor = text.find(header, end)
+    encoding = tokenizer(text, return_offsets_mapping=True)
+    mask = [int(any(a < e and b > s for s, e in spans)) for a, b in encoding["offset_mapping"]]
+    return encoding["input_ids"], torch.tensor(mask)
+
+
+@pytest.mark.parametrize("answer", EDGE_ANSWERS, ids=repr)
+def test_mask_equals_character_offsets(processor, answer):
+    messages = [{"role": "user", "content": "Say it."}, {"role": "assistant", "content": answer},
+                {"role": "user", "content": "Again."}, {"role": "assistant", "content": answer}]
+    text = processor.apply_chat_template(messages, tokenize=False)
+    ids, reference = _offset_mask(text, processor.tokenizer)
+    mask = assistant_loss_mask(ids)
+    torch.testing.assert_close(mask, reference)
+    trained = processor.tokenizer.decode([i for i, m in zip(ids, mask) if m])
+    one = answer + "<|im_end|>"
+    assert trained in (one * 2, ("\n" + one) * 2)  # "\n" + …: the header's newline merged into the answer
+
+
+def test_answer_starting_with_newline_carries_loss(processor):
+    """The bug of issue 14: the header's "\\n" and the answer's "\\n" merge into id 271."""
+    ids = processor.tokenizer("<|im_start|>assistant\n\nHello<|im_end|>")["input_ids"]
+    assert ids[:3] == [chat.IM_START, 77091, 271]
+    assert assistant_loss_mask(ids).tolist() == [0, 0, 1, 1, 1]
+
+
+def test_ordinary_answers_keep_exactly_answer_and_im_end(processor):
+    for answer in ("Hello", "A white-topped naval officer's cap.", chat.example_answer()):
+        text = processor.apply_chat_template([{"role": "user", "content": "Q"}, {"role": "assistant", "content": answer}],
+                                             tokenize=False)
+        ids = processor.tokenizer(text)["input_ids"]
+        start = len(ids) - ids[::-1].index(chat.ASSISTANT_HEADER[0]) + 2  # after <|im_start|>assistant\n
+        assert ids[start - 1] == 198
+        expected = [0] * start + [1] * (ids.index(chat.IM_END, start) + 1 - start)
+        expected += [0] * (len(ids) - len(expected))
+        assert assistant_loss_mask(ids).tolist() == expected
