@@ -82,13 +82,11 @@ def unpatchify(flatten_patches, grid_thw, patch_size: int = 14, temporal_patch_s
     return frames.numpy() if is_numpy else frames
 
 
-def processor_frames(images, image_processor) -> torch.Tensor:
-    """The float (T, C, H, W) frames a Qwen2-VL image or video processor hands to its ``patchify``:
-    resized by its ``resize`` (smart_resize within its ``size`` limits, bicubic) and rescaled +
-    normalised by its ``rescale_and_normalize`` — the processor's own methods, so patchify(result)
-    can equal its ``pixel_values`` bit for bit.
-
-    ``images``: one PIL image, or a video as a float/uint8 tensor (T, C, H, W).
+def processor_resized(images, image_processor) -> torch.Tensor:
+    """The frames a Qwen2-VL image or video processor resizes before normalising: its own
+    ``resize`` (smart_resize within its ``size`` limits, bicubic), still in the input's dtype
+    (uint8 for a PIL image). ``images``: one PIL image (→ (1, C, H, W)), or a video as a
+    float/uint8 tensor (T, C, H, W) (→ (T, C, H, W)).
     """
     import torchvision.transforms.v2.functional as tvF
 
@@ -101,8 +99,20 @@ def processor_frames(images, image_processor) -> torch.Tensor:
     proc = image_processor
     kwargs = {"temporal_factor": proc.temporal_patch_size} if isinstance(images, torch.Tensor) else {}
     x = proc.resize(x, size=proc.size, resample=proc.resample, factor=proc.patch_size * proc.merge_size, **kwargs)
-    x = proc.rescale_and_normalize(x, True, proc.rescale_factor, True, proc.image_mean, proc.image_std)
     return x[0] if isinstance(images, torch.Tensor) else x
+
+
+def processor_frames(images, image_processor) -> torch.Tensor:
+    """The float (T, C, H, W) frames a Qwen2-VL image or video processor hands to its ``patchify``:
+    resized (``processor_resized``) and rescaled + normalised by its ``rescale_and_normalize`` —
+    the processor's own methods, so patchify(result) can equal its ``pixel_values`` bit for bit.
+
+    ``images``: one PIL image, or a video as a float/uint8 tensor (T, C, H, W).
+    """
+    proc = image_processor
+    x = processor_resized(images, proc)
+    x = proc.rescale_and_normalize(x, True, proc.rescale_factor, True, proc.image_mean, proc.image_std)
+    return x
 
 
 # ---------------------------------------------------------------------------------------------

@@ -143,6 +143,19 @@ def double_resize(height: int, width: int, first: tuple[int, int], second: tuple
             "resized_twice": processed != fetched, "differs_from_direct": processed != direct}
 
 
+def processed_size(image_grid_thw, patch_size: int = 14) -> tuple[int, int]:
+    """(height, width) the processor finally resized one image to, read from its
+    ``image_grid_thw`` row (t, h, w): ``(h·patch_size, w·patch_size)``, the inverse of
+    ``Qwen2VLImageProcessor``'s ``grid_h = resized_height // patch_size``. Box targets must be in
+    pixels of this size: after ``fetch_image`` it can differ from a direct ``smart_resize``.
+    """
+    row = np.asarray(image_grid_thw).reshape(-1)
+    if row.shape != (3,) or (row < 1).any():
+        raise ValueError(f"image_grid_thw={np.asarray(image_grid_thw).tolist()}: expected one (t, h, w) row "
+                         f"of positive integers (one image)")
+    return int(row[1]) * patch_size, int(row[2]) * patch_size
+
+
 def tokens_to_pixels(tokens: int, factor: int = FACTOR) -> int:
     """A budget in visual tokens as a pixel area (what ``min_pixels`` / ``max_pixels`` take)."""
     return _check_int("tokens", tokens, 1, "visual tokens") * factor * factor
@@ -437,41 +450,50 @@ def heatmap_figure(heights, widths, min_pixels: int = MIN_PIXELS, max_pixels: in
     return figure, grid
 
 
-def _box_patch(axis, box, colour):
+def _box_patch(axis, box, colour, linestyle="-"):
     from matplotlib.patches import Rectangle
 
     x1, y1, x2, y2 = box
-    axis.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, lw=2))
+    axis.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, lw=2, linestyle=linestyle))
 
 
 _BOX_DEFAULTS = {"x": FACE_BOX[0], "y": FACE_BOX[1], "box_width": FACE_BOX[2] - FACE_BOX[0],
-                 "box_height": FACE_BOX[3] - FACE_BOX[1], "max_tokens": 256}
+                 "box_height": FACE_BOX[3] - FACE_BOX[1], "max_tokens": 64}
+#: Above this budget the 600×512 photo is only rounded (588×504): the budget no longer changes it.
+PHOTO_TOKENS = 378
 
 
 @register_widget("02_smart_resize", _BOX_DEFAULTS,
                  [{"x": 0, "y": 0, "box_width": 512, "box_height": 600}, {"max_tokens": 16},
-                  {"x": 500, "box_width": 100}])
-def box_view(x: int = 165, y: int = 135, box_width: int = 200, box_height: int = 205, max_tokens: int = 256) -> View:
-    """Widget of 02: a box on the original photo → the same box in the resized image's pixels
-    (what a ``bbox_2d`` target must say), and Qwen2-VL's 0–1000 form for comparison."""
+                  {"x": 500, "box_width": 100}, {"max_tokens": PHOTO_TOKENS}])
+def box_view(x: int = 165, y: int = 135, box_width: int = 200, box_height: int = 205, max_tokens: int = 64) -> View:
+    """Widget of 02: a box on the original photo (left) → on the resized image (right) the right
+    ``bbox_2d`` target (converted, solid) and the original numbers used unconverted (dashed), with
+    their IoU; Qwen2-VL's 0–1000 form in the text for comparison."""
     original = course_photo().size[::-1]  # PIL gives (W, H); (H, W) = (600, 512)
     resized = smart_resize(*original, FACTOR, MIN_PIXELS, tokens_to_pixels(max_tokens))
     x, y = min(max(0, x), original[1]), min(max(0, y), original[0])
     box = (x, y, min(original[1], x + max(0, box_width)), min(original[0], y + max(0, box_height)))
     target = box_to_resized(box, original, resized)
+    unconverted = [min(v, resized[1 - i % 2]) for i, v in enumerate(box)]  # x clipped to W, y to H
+    iou = box_iou(target, unconverted)
     figure, (left, right) = _two_panels()
     thumb = _photo_thumbnail()
-    for axis, (h, w), b, title in ((left, original, box, f"original {original[0]}×{original[1]}"),
-                                   (right, resized, target, f"resized {resized[0]}×{resized[1]}")):
+    for axis, (h, w), title in ((left, original, f"original {original[0]}×{original[1]}"),
+                                (right, resized, f"resized {resized[0]}×{resized[1]}")):
         axis.imshow(thumb, extent=(0, w, h, 0), interpolation="nearest")
         axis.set_xlim(0, w)
         axis.set_ylim(h, 0)
-        _box_patch(axis, b, COLOURS["loss"])
         axis.set_xticks([0, w])
         axis.set_yticks([0, h])
         axis.set_title(title)
         axis.grid(False)
+    _box_patch(left, box, COLOURS["loss"])
+    _box_patch(right, target, COLOURS["loss"])
+    _box_patch(right, unconverted, COLOURS["accent"], linestyle="--")
     html = (f"original box {list(box)} → <code>{{\"bbox_2d\": {target}}}</code> in the resized "
-            f"{resized[0]}×{resized[1]} image (max {max_tokens} tokens); Qwen2-VL 0–1000 form: "
+            f"{resized[0]}×{resized[1]} image (max {max_tokens} tokens; solid). The original numbers used "
+            f"unconverted (dashed) overlap it with IoU {iou:.2f}. Qwen2-VL 0–1000 form: "
             f"{box_to_thousandths(box, original)}")
-    return View(html=html, figure=figure, data={"original_box": box, "bbox_2d": target, "resized": resized})
+    return View(html=html, figure=figure, data={"original_box": box, "bbox_2d": target, "resized": resized,
+                                                "unconverted": unconverted, "iou": iou})

@@ -48,6 +48,21 @@ def test_patchify_equals_the_processor_pixel_values(photo, name):
         assert frames.shape[-2:] == (812, 1176) and grid == (1, 58, 84) and rows.shape == (4872, 1176)
 
 
+@pytest.mark.parametrize("name", ["photo", "noise 333x517"])
+def test_normalisation_by_hand(photo, name):
+    """(x/255 − mean)/std within float32 rounding; the processor's fused (x − 255·mean)/(255·std) bit for bit."""
+    from helpers.qwen import load_processor
+
+    image, limits = _images(photo)[name]
+    ip = load_processor(**limits).image_processor
+    pixels = hp.processor_resized(image, ip)
+    frames = hp.processor_frames(image, ip)
+    mean, std = torch.tensor(ip.image_mean)[:, None, None], torch.tensor(ip.image_std)[:, None, None]
+    assert pixels.dtype == torch.uint8 and pixels.shape == frames.shape
+    assert torch.equal((pixels.float() - mean * 255) / (std * 255), frames)
+    torch.testing.assert_close(((pixels / 255) - mean) / std, frames, rtol=0, atol=4 * torch.finfo(torch.float32).eps * 3)
+
+
 @pytest.mark.parametrize("nframes", [2, 5, 8])
 def test_patchify_equals_the_video_processor(nframes):
     import helpers.video as hv

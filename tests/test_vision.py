@@ -197,6 +197,11 @@ def test_resize_view_numbers_and_rejection():
 def test_box_view_numbers():
     view = vision.box_view(x=0, y=0, box_width=512, box_height=600, max_tokens=256)
     assert view.data["bbox_2d"] == [0, 0, *view.data["resized"][::-1]]
+    small, photo = vision.box_view(max_tokens=16), vision.box_view(max_tokens=vision.PHOTO_TOKENS)
+    assert small.data["iou"] < 0.1 < 0.8 < photo.data["iou"] < 1  # unconverted: wrong, less so near 1:1
+    assert photo.data["resized"] == vision.box_view(max_tokens=2048).data["resized"] == (588, 504)
+    assert vision.box_view(max_tokens=vision.PHOTO_TOKENS - 1).data["resized"] != (588, 504)
+    assert small.data["resized"] == (112, 84) and small.data["unconverted"] == [84, 112, 84, 112]  # clipped: empty
     view = vision.box_view(x=700, y=0, box_width=50, box_height=50)  # clamped into the photo
     assert view.data["original_box"][0] == 512
 
@@ -217,3 +222,15 @@ def test_figures_and_registered_widgets_render():
 def test_token_grid_marks_rejected_ratios():
     grid = vision.token_grid([1, 100], [1, 300])
     assert math.isnan(grid[0, 1]) and grid[1, 1] == vision.visual_tokens(100, 300)
+
+
+def test_processed_size_is_the_size_after_fetch_image_and_processor():
+    """Box targets come from image_grid_thw · 14; a direct smart_resize can miss the double resize."""
+    processor = load_processor(min_pixels=256 * 784, max_pixels=1280 * 784)
+    image = Image.new("RGB", (3930, 5148), (10, 200, 90))  # (W, H): 5148×3930
+    grid = processor.image_processor(images=[fetch_image({"image": image})], return_tensors="pt")["image_grid_thw"]
+    assert vision.processed_size(grid) == vision.processed_size(grid[0]) == (1148, 868)
+    assert smart_resize(5148, 3930, 28, 256 * 784, 1280 * 784) == (1120, 868)
+    for bad in ([[1, 2, 3], [1, 2, 3]], [1, 0, 4], [1, 2]):
+        with pytest.raises(ValueError, match="expected one \\(t, h, w\\) row"):
+            vision.processed_size(bad)
