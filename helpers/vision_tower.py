@@ -255,6 +255,28 @@ def attention_costs_for_grid(grid_thw, hidden: int, num_heads: int, spatial_merg
             "full": attention_cost(full_attention_seqlens(grid_thw), hidden, num_heads, bytes_per_score)}
 
 
+def tower_flops(grid_thw, vision_config, windows: bool = True) -> dict:
+    """FLOPs of one forward of the whole vision tower (``Qwen2_5_VisionTransformerPretrainedModel``)
+    by part, counted as ``torch.utils.flop_counter.FlopCounterMode`` counts them: 2 per multiply-add
+    of every matmul (patch embed, each block's QKV/output projections and gated MLP, Q·Kᵀ and P·V,
+    the merger's two layers). ``windows=False``: as if every block attended fully.
+    """
+    cfg = vision_config
+    grid = _as_grid(grid_thw)
+    n = int(grid.prod(-1).sum())
+    d, merge = cfg.hidden_size, cfg.spatial_merge_size
+    costs = attention_costs_for_grid(grid, d, cfg.num_heads, merge, cfg.window_size, cfg.patch_size)
+    full_blocks = len(cfg.fullatt_block_indexes) if windows else cfg.depth
+    wide = d * merge ** 2  # the merger's input: 4 rows side by side
+    parts = {
+        "patch_embed": patch_embed_cost(n, d, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size)["flops"],
+        "block_linear": cfg.depth * 2 * n * (4 * d * d + 3 * d * cfg.intermediate_size),
+        "attention": full_blocks * costs["full"]["flops"] + (cfg.depth - full_blocks) * costs["window"]["flops"],
+        "merger": 2 * (n // merge ** 2) * (wide * wide + wide * cfg.out_hidden_size),
+    }
+    return {**parts, "total": sum(parts.values())}
+
+
 def cost_curve(max_patches: int = 16384, hidden: int = 1280, num_heads: int = 16, steps: int = 24) -> dict:
     """Attention cost of a window and a full layer for square-ish images up to ``max_patches``.
 

@@ -159,6 +159,32 @@ def test_attention_cost_counts_the_mask():
 # --------------------------------------------------------------------------------------- 07
 
 
+@pytest.mark.parametrize("grid", [[[1, 16, 20]], [[2, 8, 12]], [[1, 8, 8], [1, 12, 16]], [[1, 58, 84]]])
+def test_tower_flops_equal_the_flop_counter(grid):
+    """Every matmul of the course tower's forward, as torch's FlopCounterMode counts them (eager
+    attention: the counter does not see CPU SDPA)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = load_model()
+    model.set_attn_implementation("eager")
+    grid = torch.tensor(grid)
+    rows = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.model.visual(rows, grid)
+    ours = vt.tower_flops(grid, model.model.visual.config)
+    assert ours["total"] == counter.get_total_flops()
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    assert ours["patch_embed"] == counts["aten.convolution"] and ours["attention"] == counts["aten.bmm"]
+    assert vt.tower_flops(grid, model.model.visual.config, windows=False)["attention"] >= ours["attention"]
+
+
+def test_tower_flops_3b_seed_image():
+    cfg = qwen25vl_3b_config().vision_config
+    windows, full = vt.tower_flops([[1, 58, 84]], cfg), vt.tower_flops([[1, 58, 84]], cfg, windows=False)
+    assert windows["patch_embed"] == 2 * 4872 * 1176 * 1280
+    assert 0.05 < windows["attention"] / windows["total"] < 0.10 and 0.30 < 1 - windows["total"] / full["total"] < 0.36
+
+
 def test_vision_position_ids_match_transformers():
     checked = 0
     for grid in random_grids(SWEEP, seed=3):
