@@ -71,7 +71,7 @@ def model_for_profile(profile: str | None = None, device="cpu", model: str | os.
         processor = load_processor(r["model_path"])
         built = load_model(r["model_path"], device=device)
         if r["method"] == "lora":
-            return apply_lora(built, r=r["lora_r"], alpha=r["lora_alpha"]), processor
+            return apply_lora(built, r=r["lora_r"], alpha=r["lora_alpha"], train_merger=r["train_merger"]), processor
         return (freeze_vision(built, train_merger=r["train_merger"]) if r["freeze_vision"] else built), processor
     processor = load_processor(min_pixels=28 * 28, max_pixels=side * side)
     built = load_model(config=course_config(**r["model"]), seed=r["seed"], device=device)

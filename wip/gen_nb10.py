@@ -108,7 +108,7 @@ md(r"""
 `sample_messages` calls `helpers.chat.format_data`: the user turn holds the image and the question, the
 assistant turn the answer. The chat template adds the default system turn. A training conversation
 ends with the answer's `<|im_end|>\n`, **not** with an extra `<|im_start|>assistant` (a generation prompt
-belongs to inference only; DESIGN §5 lists this as a mistake in the text the course grew from).
+belongs to inference only; the seed blog post this course grew from gets this wrong).
 """)
 
 code(r"""
@@ -378,6 +378,25 @@ display(frame)
 display(Image(filename=str(ablation_file.with_suffix(".png")), width=900))
 """)
 
+code(r"""
+# The claims of the next paragraph, checked on the committed file
+by_variant = {r["variant"]: r for r in ablation["results"]}
+seeds = [by_variant[v] for v in ("profile", "profile, seed 1", "profile, seed 2")]
+boxes = [r["test"]["grounding"]["score"] for r in seeds]
+print(f"profile seeds, test IoU: {boxes} (spread {max(boxes) - min(boxes):.2f}); constant box {seeds[0]['test']['grounding']['blind']:.2f}")
+for r in seeds:
+    assert r["test"]["count"]["score"] >= 0.9 and r["test"]["attribute"]["score"] >= 0.9 and r["test"]["grounding"]["p"] < 1e-3
+norm1 = by_variant["norm weight 1"]
+assert norm1["final_loss"] > 5 and norm1["test"]["attribute"]["score"] >= 0.9      # right argmax, flat probabilities
+big = by_variant["table std 0.25, norm 1"]["test"]
+assert big["count"]["score"] < 0.8 and big["attribute"]["score"] < 0.8 and big["grounding"]["score"] < big["grounding"]["blind"]
+trainable = by_variant["table trainable"]
+assert trainable["test"]["grounding"]["score"] < min(boxes) - 0.2 and trainable["train_seconds"] > seeds[0]["train_seconds"]
+assert by_variant["per-token average"]["test"]["grounding"]["score"] < min(boxes)
+cue = by_variant["no position cue"]["test"]
+assert cue["grounding"]["score"] < cue["grounding"]["blind"] and cue["count"]["score"] >= 0.9 and cue["attribute"]["score"] >= 0.9
+""")
+
 ABLATION_PROSE = "ABLATION_PROSE"
 md(ABLATION_PROSE)
 
@@ -493,15 +512,16 @@ d, mlp, kv, layers = 2048, 11008, 256, 36  # 3B: hidden, MLP, KV width (2 heads 
 assert lora_3b == layers * 16 * (2 * (d + d) + 2 * (d + kv) + 2 * (d + mlp) + (mlp + d))
 print(f"3B: full FT trains {big['full FT'].sum() / 1e9:.3f} B parameters, LoRA r=16 {lora_3b / 1e6:.1f} M "
       f"({lora_3b / big['full FT'].sum():.2%})")
-assert big["total"].sum() == 3_754_622_976  # DESIGN §5: "3.754 B" (truncated)
+assert big["total"].sum() == 3_754_622_976  # 3.754 B with the real config, as notebook 09 counts
 """)
 
 md(r"""
 With `QWENVL_MODEL` set (or `recipe(model=path)`), `helpers.recipes.recipe` switches to the
 **checkpoint recipe** of the profile: what a practitioner uses on a pretrained Qwen2.5-VL. LoRA r = 16,
-α = 32 on the language model's attention and MLP projections at 2e-4, or a full fine-tune at 1e-5 with
-the vision tower frozen and the merger trained; the embedding table trains, nothing is re-initialised and
-no module gets its own learning-rate factor. To show exactly what would be in force, save the course
+α = 32 on the language model's attention and MLP projections at 2e-4 with the merger trained in full beside
+it, or a full fine-tune at 1e-5 with the vision tower frozen and the merger trained (the embedding table
+trains too). Nothing is re-initialised, nothing is frozen for from-scratch reasons, and no module gets its
+own learning-rate factor. To show exactly what would be in force, save the course
 model as if it were a downloaded checkpoint and ask the recipe for it:
 """)
 
@@ -516,12 +536,14 @@ assert (ckpt["method"], ckpt["lr"]) in (("lora", 2e-4), ("full", 1e-5))
 ft, _ = model_for_profile(model=as_real)
 groups = trainable_by_module(ft)
 print({g: t for g, (t, n) in groups.items()})
-assert groups["vision: blocks"][0] == 0
+assert groups["vision: blocks"][0] == groups["vision: patch embed"][0] == 0
+assert (groups["vision: merger"][0] > 0) == ckpt["train_merger"]
 """)
 
 md(r"""
 Memory is where the choice matters: full fine-tuning of the 3B with AdamW keeps weights, gradients and two
-moments for 3.75 B parameters; LoRA keeps them for the trainable ~30 M only (plus the frozen weights).
+moments for 3.75 B parameters; LoRA keeps them for its ~30 M adapter numbers (plus the merger's 37 M when it trains) and only the frozen
+weights for the rest (counts above).
 
 ## 11. GPU results (`scripts/gpu_sft.sh`)
 
@@ -560,9 +582,10 @@ A hand-written collator that keeps `input_ids`, `attention_mask`, `pixel_values`
 
 code(r"""
 def positions_seen(inputs):
+    # the (t, h, w) position ids of row 0 as the language model's rotary embedding receives them
     seen = []
-    hook = unwrap(model).model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["position_ids"][-3:, 0].clone()), with_kwargs=True)
+    hook = unwrap(model).model.language_model.rotary_emb.register_forward_pre_hook(
+        lambda module, args: seen.append(args[1][-3:, 0].clone()))  # args = (hidden_states, position_ids)
     with torch.no_grad():
         model(**inputs)
     hook.remove()
@@ -573,8 +596,6 @@ with_key = positions_seen(batch)
 without = positions_seen({k: v for k, v in batch.items() if k != "mm_token_type_ids"})
 print("image tokens (t, h, w) with mm_token_type_ids:   ", with_key[:, image].T.tolist())
 print("image tokens (t, h, w) without mm_token_type_ids:", without[:, image].T.tolist())
-with torch.no_grad():
-    print(f"loss with {labelled_loss(model, batch).item():.4f} | without {labelled_loss(model, {k: v for k, v in batch.items() if k != 'mm_token_type_ids'}).item():.4f}")
 assert not torch.equal(with_key, without) and (without[0] == without[1]).all() and (without[1] == without[2]).all()
 """)
 
@@ -717,11 +738,13 @@ same_way = torch.nn.functional.cosine_similarity(shift[~used], shift[~used].mean
 print(f"rows moved: {int((moved > 0).sum()):,} of {len(probe_table):,}; rows the batches used: {int(used.sum())}")
 print(f"mean |Δ row|: used {moved[used].mean():.3f}, unused {moved[~used].mean():.3f}; a row's norm at start {start.norm(dim=-1).mean():.3f}")
 print(f"cosine of each unused row's step with their mean step: {same_way.mean():.4f}")
-assert (moved > 0).all() and same_way.mean() > 0.99
+assert (moved > 0).all() and moved[~used].mean() > moved[used].mean() / 2  # unused rows move as far as used ones
+assert same_way.mean() > 0.9  # and nearly all the same way
 """)
 
 md(r"""
-One shared vector `c` added to every row cancels in the LM head's softmax (every logit gains `h·c`), but at
+Every row moved, the 151,936 − (a few dozen) unused ones about as far as the used ones, and nearly all in one
+direction. One shared vector `c` added to every row cancels in the LM head's softmax (every logit gains `h·c`), but at
 the input it is added to every token: the part that tells the prompt's tokens apart shrinks against it, and
 it grows by up to `lr·√d` per step for as long as training lasts. A pretrained checkpoint fine-tuned at
 ~1e-5 moves its rows about 100× less per step, and from rows that already mean something; from random
