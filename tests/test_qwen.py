@@ -55,6 +55,10 @@ def test_special_token_table(tokenizer):
         assert tokenizer(name).input_ids == [token_id]  # never split into pieces
     assert len(tokenizer) == 151665
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+    # as in the checkpoint's tokenizer_config.json: 14 special, <tool_call> … <|file_sep|> not
+    flags = {token.content: token.special for token in tokenizer.added_tokens_decoder.values()}
+    assert [name for name, special in flags.items() if not special] == list(qwen.NOT_SPECIAL)
+    assert list(qwen.NOT_SPECIAL) == [name for name, i in expected.items() if 151657 <= i <= 151664]
 
 
 TEXTS = [
@@ -228,6 +232,19 @@ def test_video_pixel_limits_take_effect():
     grids = [p.video_processor(videos=[frames], return_tensors="pt")["video_grid_thw"][0].tolist() for p in (default, small)]
     assert grids[0] == [2, 20, 30]  # 280×420 fits the default video bounds as it is
     assert grids[1][1] * grids[1][2] <= 4 * 16  # at most 16 visual tokens per temporal patch
+
+
+def test_image_limits_bound_video_frames_too():
+    # from_pretrained(folder, min_pixels=…, max_pixels=…) hands them to both processors; so does ours
+    both = qwen.load_processor(min_pixels=256 * 28 * 28, max_pixels=1280 * 28 * 28)
+    for size in (both.video_processor.size, both.image_processor.size):
+        assert (size.shortest_edge, size.longest_edge) == (256 * 28 * 28, 1280 * 28 * 28)
+    own = qwen.load_processor(min_pixels=256 * 28 * 28, video_min_pixels=4 * 28 * 28)
+    assert (own.image_processor.size.shortest_edge, own.video_processor.size.shortest_edge) == (256 * 784, 4 * 784)
+    default = qwen.load_processor().video_processor.size
+    assert (default.shortest_edge, default.longest_edge) == (3136, 12845056)
+    with pytest.raises(ValueError, match="the minimum is larger than the maximum"):
+        qwen.load_processor(max_pixels=1000 * 28 * 28, video_min_pixels=2000 * 28 * 28)
 
 
 def test_course_model_is_seeded_and_tied():
