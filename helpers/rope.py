@@ -7,13 +7,17 @@ Qwen2.5-VL gives every token of the decoder three position ids instead of one:
   ``start + (temporal index × interval, merged row, merged column)``, where ``start`` is the
   position after the text before it and, for videos, ``interval = tokens_per_second ×
   second_per_grid_ts`` (seconds between two temporal patches), truncated to an integer;
-- the text after a picture continues at ``start + max(merged rows, merged columns)``, so the
+- the text after a picture continues at ``start + max(merged rows, merged columns)`` (transformers
+  ≥ 5.3) or at the picture's largest id + 1 (Qwen's reference, which the released checkpoints were
+  trained with; the two differ only after a video whose temporal ids run past that), so the
   largest position id is usually far below the sequence length: ``rope_deltas = max id + 1 −
   length`` is what ``generate`` adds to plain counting for every new token.
 
 ``rope_index`` mirrors ``Qwen2_5_VLModel.get_rope_index`` (transformers 5.24) and is tested
-against it; ``mrope_cos_sin`` mirrors ``Qwen2_5_VLRotaryEmbedding``: the head dimension's rotary
-pairs are split by ``mrope_section`` into a t part, an h part and a w part.
+against it; with ``rule="reference"`` it mirrors Qwen's ``get_rope_index_25`` instead.
+``mrope_cos_sin`` mirrors ``Qwen2_5_VLRotaryEmbedding``: the head dimension's rotary pairs are split
+by ``mrope_section`` into a t part, an h part and a w part. The model computes any of this only when
+``mm_token_type_ids`` reaches it (``decoder_positions`` shows what the decoder gets).
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ VISION_END_ID = SPECIAL_TOKENS["<|vision_end|>"]
 #: ``mm_token_type_ids`` values, as the processor writes them.
 TEXT, IMAGE, VIDEO = 0, 1, 2
 AXES = ("t", "h", "w")
+#: Where the text after an image or video resumes (``rope_index(rule=...)``).
+#: "transformers": ``get_rope_index`` of transformers ≥ 5.3 (the pinned 5.24), ``start + max(h, w) // merge``;
+#: "reference": Qwen's ``get_rope_index_25`` (QwenLM qwen-vl-finetune ``rope2d.py``, also transformers
+#: ≤ 5.2), the block's largest id + 1: what the released Qwen2.5-VL checkpoints were trained with.
+RULES = ("transformers", "reference")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,14 +97,22 @@ def rope_index(
     mm_token_type_ids: torch.Tensor | None = None,
     spatial_merge_size: int = 2,
     tokens_per_second: float = 2,
+    rule: str = "transformers",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(position_ids (3, batch, length), rope_deltas (batch, 1)) for a batch of token ids.
 
     Mirrors ``Qwen2_5_VLModel.get_rope_index`` (transformers 5.24): same arguments (the model's
     ``mm_token_type_ids`` is derived from the pad token ids when not given; the two config numbers
     are arguments here), same result. Images and videos are consumed in order across the whole
-    batch; padding (``attention_mask == 0``) gets position 0 and is not counted.
+    batch; padding (``attention_mask == 0``) gets position 0 and is not counted; a missing
+    ``second_per_grid_ts`` means 1 s per temporal patch, as in the model.
+
+    ``rule`` (one of ``RULES``, default "transformers", what the pinned model computes) says where the
+    text after an image or video resumes; "reference" mirrors Qwen's ``get_rope_index_25``. Images
+    give the same ids under both rules.
     """
+    if rule not in RULES:
+        raise ValueError(f"rule={rule!r}: expected one of {RULES}")
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected (batch, length)")
     if mm_token_type_ids is None:
@@ -128,11 +145,32 @@ def rope_index(
                 raise ValueError(f"row {row}: a run of {length} pad tokens, but grid {list(map(int, grid))} needs "
                                  f"{block.shape[1]} (= t·h·w / {spatial_merge_size ** 2})")
             pieces.append(block)
-            position += max(int(grid[1]), int(grid[2])) // spatial_merge_size
+            if rule == "transformers":
+                position += max(int(grid[1]), int(grid[2])) // spatial_merge_size
+            else:
+                position = int(block.max()) + 1
         positions = torch.cat(pieces, dim=1)
         position_ids[:, row, keep] = positions.to(position_ids.dtype)
         deltas.append(int(positions.max()) + 1 - int(keep.sum()))
     return position_ids, torch.tensor(deltas).unsqueeze(1)
+
+
+def decoder_positions(model, inputs: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(position_ids the decoder received, logits) of one ``model(**inputs)`` pass, read with a hook.
+
+    ``Qwen2_5_VLModel.forward`` hands its language model the 3-D M-RoPE ids only when
+    ``mm_token_type_ids`` is among the inputs (transformers 5.24 ``compute_3d_position_ids``); without
+    it the decoder gets None and counts 0, 1, 2, … in all three rows, image tokens included (trap 18).
+    """
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs.get("position_ids")), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+    finally:
+        hook.remove()
+    return seen[0], logits
 
 
 def generated_positions(real_lengths, rope_deltas: torch.Tensor, new_tokens: int) -> torch.Tensor:

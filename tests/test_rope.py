@@ -10,6 +10,8 @@ from helpers import rope
 from helpers.rope import (
     EXAMPLE_CASES,
     IMAGE_TOKEN_ID,
+    VIDEO_TOKEN_ID,
+    decoder_positions,
     example_inputs,
     generated_positions,
     inverse_frequencies,
@@ -162,3 +164,117 @@ def test_other_bad_inputs():
         video_plan(0, 2)
     with pytest.raises(ValueError, match="case="):
         example_inputs(None, "three videos")
+
+
+# --- Qwen's reference rule (get_rope_index_25) -------------------------------------------------
+
+
+def reference_oracle(input_ids, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None,
+                     attention_mask=None, tokens_per_second=2):
+    """Qwen's reference rule written token by token, independently of helpers.rope: a text token takes
+    the next id in all three rows; a vision block starting at ``start`` gives its k-th token
+    (start + temporal id, start + merged row, start + merged column); the next id after a block is
+    the block's largest id + 1. Temporal ids truncate float32 products, as torch does."""
+    grids = {IMAGE_TOKEN_ID: iter([] if image_grid_thw is None else image_grid_thw.tolist()),
+             VIDEO_TOKEN_ID: iter([] if video_grid_thw is None else video_grid_thw.tolist())}
+    seconds = iter([1.0] * 100 if second_per_grid_ts is None else [float(x) for x in second_per_grid_ts])
+    positions = torch.zeros(3, *input_ids.shape, dtype=input_ids.dtype)
+    deltas = []
+    for row in range(input_ids.shape[0]):
+        slots = [j for j in range(input_ids.shape[1]) if attention_mask is None or attention_mask[row, j]]
+        next_id, k, ids = 0, 0, []
+        while k < len(slots):
+            token = int(input_ids[row, slots[k]])
+            if token not in grids:
+                ids.append((next_id,) * 3)
+                next_id, k = next_id + 1, k + 1
+                continue
+            t, h, w = next(grids[token])
+            h, w = h // 2, w // 2
+            interval = tokens_per_second * next(seconds) if token == VIDEO_TOKEN_ID else 0.0
+            block = [(next_id + int(torch.tensor(float(n // (h * w))) * interval),
+                      next_id + n % (h * w) // w, next_id + n % w) for n in range(t * h * w)]
+            ids += block
+            next_id, k = max(max(b) for b in block) + 1, k + len(block)
+        for slot, triple in zip(slots, ids):
+            positions[:, row, slot] = torch.tensor(triple)
+        deltas.append(max(max(triple) for triple in ids) + 1 - len(slots))
+    return positions, torch.tensor(deltas).unsqueeze(1)
+
+
+def test_reference_rule_on_the_docstring_example(model):
+    """3 temporal patches of 2 × 2 merged tokens, interval 50 (tokens_per_second 25, 2 s per patch):
+    t ids 0, 50, 100; the text after the video starts at 101 (transformers 5.24: at 2)."""
+    ids = torch.tensor([[VIDEO_TOKEN_ID] * 12 + [1000] * 5])
+    args = (ids, None, torch.tensor([[3, 4, 4]]), [2.0])
+    positions, deltas = rope_index(*args, tokens_per_second=25, rule="reference")
+    assert positions[0, 0, :12].tolist() == [0] * 4 + [50] * 4 + [100] * 4
+    assert positions[1, 0, :12].tolist() == [0, 0, 1, 1] * 3 and positions[2, 0, :12].tolist() == [0, 1, 0, 1] * 3
+    assert (positions[:, 0, 12:] == torch.arange(101, 106)).all() and int(deltas) == 106 - 17
+    oracle = reference_oracle(*args, tokens_per_second=25)
+    assert torch.equal(positions, oracle[0]) and torch.equal(deltas, oracle[1])
+    vision = model.config.vision_config
+    old, vision.tokens_per_second = vision.tokens_per_second, 25
+    try:
+        theirs = model.model.get_rope_index(ids, token_types(ids), None, torch.tensor([[3, 4, 4]]), torch.tensor([2.0]))
+    finally:
+        vision.tokens_per_second = old
+    mine = rope_index(*args, tokens_per_second=25)
+    assert torch.equal(mine[0], theirs[0]) and (theirs[0][:, 0, 12:] == torch.arange(2, 7)).all()
+
+
+@pytest.mark.parametrize("case", EXAMPLE_CASES)
+def test_reference_rule_on_the_notebook_cases(processor, case):
+    inputs = example_inputs(processor, case)
+    args = (inputs["input_ids"], inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
+            inputs.get("second_per_grid_ts"), inputs["attention_mask"])
+    ours, oracle, transformers_rule = rope_index(*args, rule="reference"), reference_oracle(*args), rope_index(*args)
+    assert torch.equal(ours[0], oracle[0]) and torch.equal(ours[1], oracle[1])
+    # the example video, grid (4, 8, 10) at 1 s per patch: t ids up to start + 6 while max(h, w) / 2 = 5,
+    # so every row holding it resumes 2 ids later than under transformers 5.24; other rows agree
+    has_video = (inputs["input_ids"] == VIDEO_TOKEN_ID).any(-1)
+    assert (ours[1] - transformers_rule[1]).flatten().tolist() == [2 if v else 0 for v in has_video.tolist()]
+    assert torch.equal(ours[0][:, ~has_video], transformers_rule[0][:, ~has_video])
+
+
+def _rules_agree(batch) -> bool:
+    """True when no video's temporal ids reach max(merged h, merged w): then both rules agree."""
+    if batch["video_grid_thw"] is None:
+        return True
+    return all(int(torch.tensor(float(t - 1)) * (2 * s)) < max(h, w) // 2  # last temporal id < max(h, w)/2
+               for (t, h, w), s in zip(batch["video_grid_thw"].tolist(), batch["second_per_grid_ts"]))
+
+
+def test_reference_rule_random_sweep(model):
+    rng = random.Random(5)
+    agreeing = 0
+    for _ in range(SWEEP):
+        batch = rope.random_batch(rng)
+        args = (batch["input_ids"], batch["image_grid_thw"], batch["video_grid_thw"], batch["second_per_grid_ts"],
+                batch["attention_mask"])
+        ours, oracle = rope_index(*args, rule="reference"), reference_oracle(*args)
+        assert torch.equal(ours[0], oracle[0]) and torch.equal(ours[1], oracle[1])
+        theirs = reference(model, *args)
+        same = torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+        assert same == _rules_agree(batch)  # equal to transformers 5.24 exactly where the rules agree
+        agreeing += same
+    assert 0 < agreeing < SWEEP
+
+
+def test_unknown_rule_is_rejected():
+    with pytest.raises(ValueError, match="rule='qwen2': expected one of"):
+        rope_index(torch.tensor([[1, 2]]), rule="qwen2")
+
+
+def test_decoder_positions_need_mm_token_type_ids(model, processor):
+    inputs = example_inputs(processor, "image + video")
+    seen, logits = decoder_positions(model, inputs)
+    positions, _ = rope_index(inputs["input_ids"], inputs["image_grid_thw"], inputs["video_grid_thw"],
+                              inputs["second_per_grid_ts"], inputs["attention_mask"])
+    assert torch.equal(seen, positions)
+    without = {key: value for key, value in inputs.items() if key != "mm_token_type_ids"}
+    nothing, flat_logits = decoder_positions(model, without)
+    assert nothing is None  # the decoder then counts 0, 1, 2, ... in all three rows
+    length = inputs["input_ids"].shape[1]
+    _, counted = decoder_positions(model, {**without, "position_ids": torch.arange(length).expand(3, 1, length)})
+    assert torch.equal(counted, flat_logits) and (logits - flat_logits).abs().max() > 1e-4
