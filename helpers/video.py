@@ -7,6 +7,8 @@
   ``calculate_video_frame_range``; ``sampled_frames`` gives the frame indices ``fetch_video`` reads.
 - ``read_video`` calls ``qwen_vl_utils.fetch_video`` with the decord backend: torchvision 0.29 has
   no ``torchvision.io.read_video`` any more, so qwen-vl-utils' torchvision backend fails.
+- ``processor_vision_inputs`` runs ``process_vision_info`` the way that gives the processor the real
+  sampled interval (``second_per_grid_ts``) on transformers 5.24 (trap 20).
 - ``timeline_view`` is the update function of notebook 03's widget.
 """
 
@@ -302,6 +304,26 @@ def read_video(path: str | os.PathLike, **ele):
         {"video": str(path), **ele}, return_video_sample_fps=True, return_video_metadata=True
     )
     return frames, metadata, sample_fps
+
+
+def processor_vision_inputs(messages) -> dict:
+    """The processor's image and video arguments for a conversation, by the path that gives the real
+    ``second_per_grid_ts`` on transformers 5.24: ``qwen_vl_utils.process_vision_info(messages,
+    return_video_kwargs=True, return_video_metadata=True)``, each video's (frames, metadata) pair split
+    into ``videos`` and ``video_metadata`` (the split qwen-vl-utils documents for this flag).
+
+    Returns ``{"images", "do_sample_frames": False}`` plus ``videos`` and ``video_metadata`` when the
+    conversation has videos: pass it as ``processor(text=..., **inputs)``.
+    """
+    _use_decord()
+    from qwen_vl_utils import process_vision_info
+
+    images, videos, video_kwargs = process_vision_info(messages, return_video_kwargs=True, return_video_metadata=True)
+    inputs = {"images": images, **video_kwargs}
+    if videos:
+        frames, metadata = zip(*videos)
+        inputs.update(videos=list(frames), video_metadata=list(metadata))
+    return inputs
 
 
 @lru_cache(maxsize=4)

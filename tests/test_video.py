@@ -115,6 +115,34 @@ def test_processor_video_outputs(clip, processor):
     torch.testing.assert_close(bare["second_per_grid_ts"], torch.tensor([2 / 24]))
 
 
+def test_process_vision_info_paths_and_second_per_grid_ts(clip, processor):
+    """Trap 20: the metadata path gives the sampled interval; the older fps paths fail or are ignored."""
+    from qwen_vl_utils import process_vision_info
+
+    messages = [{"role": "user", "content": [{"type": "video", "video": str(clip), "fps": 2.0},
+                                             {"type": "text", "text": "Where does it go?"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    inputs = hv.processor_vision_inputs(messages)
+    assert inputs["images"] is None and inputs["do_sample_frames"] is False and len(inputs["video_metadata"]) == 1
+    out = processor(text=[text], **inputs, cap_pixels_per_frame=True, return_tensors="pt")
+    frames, metadata, sample_fps = hv.read_video(clip, fps=2.0)
+    direct = processor(text=[text], videos=[frames], video_metadata=[metadata], do_sample_frames=False,
+                       cap_pixels_per_frame=True, return_tensors="pt")
+    for key in ("input_ids", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+        assert torch.equal(out[key], direct[key]), key
+    torch.testing.assert_close(out["second_per_grid_ts"], torch.tensor([2 / sample_fps]))
+
+    _, videos, kwargs = process_vision_info(messages, return_video_kwargs=True)
+    assert kwargs == {"do_sample_frames": False, "fps": [2.0]}
+    from huggingface_hub.errors import StrictDataclassFieldValidationError
+
+    with pytest.raises(StrictDataclassFieldValidationError, match="Field 'fps'"):  # a list: rejected by 5.24
+        processor(text=[text], videos=videos, **kwargs, cap_pixels_per_frame=True, return_tensors="pt")
+    ignored = processor(text=[text], videos=videos, do_sample_frames=False, fps=2.0, cap_pixels_per_frame=True,
+                        return_tensors="pt")
+    torch.testing.assert_close(ignored["second_per_grid_ts"], torch.tensor([2 / 24]))  # fps=2.0 had no effect
+
+
 def test_odd_frame_count_is_padded_to_a_temporal_pair(processor):
     for nframes in (1, 3, 5, 8):
         video = torch.randint(0, 256, (nframes, 3, 280, 392), dtype=torch.uint8)
