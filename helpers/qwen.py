@@ -169,9 +169,12 @@ CHECKPOINT_PREPROCESSOR_CONFIG = {
     "merge_size": 2,
     "image_mean": [0.48145466, 0.4578275, 0.40821073],
     "image_std": [0.26862954, 0.26130258, 0.27577711],
-    "image_processor_type": "Qwen2VLImageProcessor",
+    "image_processor_type": "Qwen2VLImageProcessor",  # early snapshots: "Qwen2_5_VLImageProcessor" (see below)
     "processor_class": "Qwen2_5_VLProcessor",
 }
+#: The class name early snapshots of the checkpoint's preprocessor_config.json gave; transformers 5.24
+#: has no such class and fails to load such a folder ("Unrecognized image processor").
+EARLY_IMAGE_PROCESSOR_TYPE = "Qwen2_5_VLImageProcessor"
 CHECKPOINT_MIN_PIXELS = CHECKPOINT_PREPROCESSOR_CONFIG["min_pixels"]
 CHECKPOINT_MAX_PIXELS = CHECKPOINT_PREPROCESSOR_CONFIG["max_pixels"]
 
@@ -364,6 +367,18 @@ def _resolve_checkpoint(model: str | os.PathLike | None) -> Path | None:
     return path
 
 
+def _check_image_processor_type(path: Path) -> None:
+    """A clear error for an early snapshot's ``image_processor_type`` instead of transformers' own."""
+    config = path / "preprocessor_config.json"
+    name = json.loads(config.read_text()).get("image_processor_type") if config.is_file() else None
+    if name == EARLY_IMAGE_PROCESSOR_TYPE:
+        raise ValueError(
+            f"{str(config)!r} has image_processor_type={name!r}, a class transformers {transformers.__version__} "
+            f"does not have; current Qwen2.5-VL folders say {CHECKPOINT_PREPROCESSOR_CONFIG['image_processor_type']!r} "
+            "(same settings): change that value or download the folder again"
+        )
+
+
 def _require_files(path: Path, what: str, groups=(), weights: bool = False) -> None:
     missing = [" or ".join(group) for group in groups if not any((path / name).is_file() for name in group)]
     if weights and not any(p.name.endswith(_WEIGHT_SUFFIXES) for p in path.iterdir()):
@@ -410,6 +425,7 @@ def load_processor(
     checkpoint = _resolve_checkpoint(model)
     if checkpoint is not None:
         _require_files(checkpoint, "processor", _PROCESSOR_FILES)
+        _check_image_processor_type(checkpoint)
         processor = AutoProcessor.from_pretrained(checkpoint, local_files_only=True, **image_limits)
         _set_video_limits(processor.video_processor, video_size)
         return processor

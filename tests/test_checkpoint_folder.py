@@ -151,3 +151,17 @@ def test_full_hd_frames_keep_their_size_under_the_checkpoint_limits(real, course
     # 8 frames of 1080 × 1920 → 1092 × 1932 (each side rounded to a multiple of 28): grid (4, 78, 138)
     patches = [p.video_processor.get_num_of_video_patches(8, 1080, 1920, {}) for p in (real, course)]
     assert patches == [4 * 78 * 138] * 2
+
+
+def test_an_early_snapshot_gets_a_clear_error(tmp_path):
+    folder = qwen.write_checkpoint_processor_files(tmp_path)
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    config["image_processor_type"] = qwen.EARLY_IMAGE_PROCESSOR_TYPE
+    (folder / "preprocessor_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="image_processor_type='Qwen2_5_VLImageProcessor'.*'Qwen2VLImageProcessor'"):
+        qwen.load_processor(folder)
+    # what transformers itself says without the check
+    from transformers import AutoProcessor
+
+    with pytest.raises(ValueError, match="Unrecognized image processor"):
+        AutoProcessor.from_pretrained(folder, local_files_only=True)
