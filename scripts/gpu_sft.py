@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from helpers.chat import IGNORE_INDEX  # noqa: E402
 from helpers.data import make_split  # noqa: E402
-from helpers.evaluation import blind_baselines, unwrap  # noqa: E402
+from helpers.evaluation import blind_baselines, score_table, unwrap  # noqa: E402
 from helpers.lora import apply_lora  # noqa: E402
 from helpers.optim import make_optimizer  # noqa: E402
 from helpers.qwen import course_config, load_processor, parameter_count  # noqa: E402
@@ -194,6 +194,8 @@ def gpu_report(out_dir, checkpoint_dir, smoke: bool = False) -> dict:
     run = run_profile("cpu" if smoke else "gpu", out=checkpoint_dir, steps=3 if smoke else None, progress=False, log=log)
     metrics["sft"] = {k: v for k, v in run.items() if k not in ("history", "model", "processor", "loss", "after_full", "evals")}
     metrics["sft"]["baselines"] = {split: {t: b["score"] for t, b in blind_baselines(smp).items()} for split, smp in run["evals"].items()}
+    metrics["sft"]["score_table"] = {split: score_table(run["after_full"][split], blind_baselines(smp))
+                                     for split, smp in run["evals"].items()}  # score, blind, n, interval, p per task
     metrics["sft"]["loss_every_10"] = run["loss"][::10]
     say(f"SFT: {run['steps']} steps in {run['train_seconds']:.1f} s, {run['tokens_per_second']:.0f} tokens/s; "
         f"before {run['before']} after {run['after']}")

@@ -50,7 +50,8 @@ def test_step_by_step_logits_equal_model(model, wandering, processor, case, whic
     with torch.no_grad():
         expected = net(**inputs).logits
     got = forward_step_by_step(net, **inputs).logits
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    scale = float(expected.abs().max())  # float32 rounding grows with the values (the course model's logits reach ~20)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-6 * max(scale, 1.0))  # ~16 float32 ulps of the largest logit
 
 
 @pytest.mark.parametrize("case", ["text only", "one image", "video"])
