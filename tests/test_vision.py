@@ -198,7 +198,7 @@ def test_box_view_numbers():
     view = vision.box_view(x=0, y=0, box_width=512, box_height=600, max_tokens=256)
     assert view.data["bbox_2d"] == [0, 0, *view.data["resized"][::-1]]
     small, photo = vision.box_view(max_tokens=16), vision.box_view(max_tokens=vision.PHOTO_TOKENS)
-    assert small.data["iou"] < 0.1 < 0.8 < photo.data["iou"] < 1  # unconverted: wrong, less so near 1:1
+    assert small.data["iou"] < 0.1 and 0.8 < photo.data["iou"] < 1  # unconverted: wrong, less so near 1:1
     assert photo.data["resized"] == vision.box_view(max_tokens=2048).data["resized"] == (588, 504)
     assert vision.box_view(max_tokens=vision.PHOTO_TOKENS - 1).data["resized"] != (588, 504)
     assert small.data["resized"] == (112, 84) and small.data["unconverted"] == [84, 112, 84, 112]  # clipped: empty
