@@ -10,8 +10,14 @@ Each module names the notebook that teaches it:
 - ``helpers.vision_tower``  05–07: patch embed, window attention, vision RoPE, merger, the tower.
 - ``helpers.rope``          08: M-RoPE position ids (rope_index).
 - ``helpers.forward``       09: the forward pass step by step, greedy decoding, the 3B budget.
-- ``helpers.data``, ``helpers.sft``        10: the shapes task and supervised fine-tuning.
-- ``helpers.rewards``, ``helpers.grpo``    11: verifiable rewards and GRPO.
+- ``helpers.data``, ``helpers.sft``        10: the shapes task and supervised fine-tuning; beside them
+  ``helpers.recipes`` (the settings in force: course model or checkpoint), ``helpers.optim``,
+  ``helpers.lora``, ``helpers.sft_plots``.
+- ``helpers.evaluation``, ``helpers.checkpoints``  10–11: the one evaluator (with image-blind
+  baselines and significance); atomic checkpoints, resume, the cached SFT starts.
+- ``helpers.rewards``, ``helpers.rollouts``, ``helpers.grpo``   11: verifiable rewards, rollouts and
+  their log-probabilities, GRPO (typed settings, loss, loop, SFT control); ``helpers.grpo_trl`` the
+  TRL route, ``helpers.grpo_plots`` its pictures and the rollout browser.
 - ``helpers.plots``, ``helpers.widgets``   figure style; widget plumbing and registry.
 - ``helpers.profiles``      the cpu / gpu profiles (``QWENVL_PROFILE``).
 - ``helpers.netguard``      the offline guard the tests switch on.

@@ -169,10 +169,38 @@ def settings_digest(values) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-def profile_checkpoint_dir(profile: str | None = None) -> Path:
+def profile_checkpoint_dir(profile: str | None = None, step: int | None = None) -> Path:
     """Where the SFT run of a profile is cached: ``cache_dir()/sft-<profile>-<hash of its settings>``
-    (a changed profile gets a new folder). Notebook 10 saves there; GRPO (notebook 11) starts there."""
+    (a changed profile gets a new folder), with ``-step<N>`` for the run stopped at step N.
+    Notebook 10 saves both; GRPO (notebook 11) starts from the one at its ``start_step``."""
     from helpers.profiles import current_profile, settings
 
     name = current_profile(profile)
-    return cache_dir() / f"sft-{name}-{settings_digest(settings('sft', name))}"
+    if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 1):
+        raise ValueError(f"step={step!r}: expected None or an integer ≥ 1")
+    return cache_dir() / (f"sft-{name}-{settings_digest(settings('sft', name))}" + (f"-step{step}" if step else ""))
+
+
+def sft_checkpoint(profile: str | None = None, directory=None, progress: bool = True) -> Path:
+    """The SFT checkpoint GRPO starts from: ``directory`` if given, else the course cache
+    (``helpers.checkpoints.profile_checkpoint_dir(profile, step=start_step)``: notebook 10 saves its run
+    there at that step). When it is missing or incomplete, says so and trains it (the profile's SFT
+    run, stopped at ``start_step``: about a minute on a CPU)."""
+    from helpers import recipes
+    from helpers.grpo import GRPOSettings
+    from helpers.data import ShapesStream
+    from helpers.profiles import current_profile
+    from helpers.sft import train as sft_train
+
+    name = current_profile(profile)
+    step = GRPOSettings.from_profile(name).start_step
+    path = Path(directory) if directory is not None else profile_checkpoint_dir(name, step=step)
+    if not is_complete(path):
+        print(f"no complete SFT checkpoint at {path.name!r}: notebook 10 saves it there when it runs; "
+              f"training it now (the {name} SFT profile, stopped at step {step})")
+        r = recipes.recipe(name, model=None)
+        model, processor = recipes.model_for_profile(name, model=None)
+        data = ShapesStream("train", r["n_train"], r["seed"], **r["data"])
+        sft_train(model, processor, data, steps=r["steps"], stop_at=step, batch_size=r["batch_size"], lr=r["lr"],
+                  warmup=r["warmup"], seed=r["seed"], average=r["average"], checkpoint_dir=path, progress=progress)
+    return path

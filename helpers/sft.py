@@ -289,13 +289,15 @@ def train_step(loss_module, optimizer, micro: list[dict], lr: float, world: int 
 
 def train(model, processor, data, *, steps: int, batch_size: int = 8, grad_accum: int = 1, lr: float = 1e-3,
           warmup: int = 10, weight_decay: float = 0.0, lr_scales: dict | None = None, clip: float = 1.0, seed: int = 0,
+          lr_floor: float = 0.1,
           device=None, bf16: bool | None = None, num_workers: int = 0, checkpoint_dir=None, save_every: int = 0,
           resume_from=None, stop_at: int | None = None, progress: bool = True, log: list | None = None,
           max_seconds: float | None = None, average: str = "token") -> TrainResult:
     """Train ``model`` on ``data`` (a list of Samples or a ``ShapesStream``) for ``steps`` optimiser steps.
 
     One step = ``grad_accum`` micro-batches of ``batch_size`` samples per process (``train_step``).
-    The learning rate follows ``lr_factor`` (a pure function of the step, so a resumed run is exact).
+    The learning rate follows ``lr_factor`` (a pure function of the step, so a resumed run is exact):
+    warmup, then cosine down to ``lr_floor`` × ``lr`` (``lr_floor=1`` keeps it constant after warmup).
     Around the loop: DDP when launched by ``torchrun``; ``resume_from`` continues a checkpoint saved
     by this function (refused if its schedule, batch or trainable parameters differ); ``stop_at``
     ends early at that step (the schedule still spans ``steps``); ``max_seconds`` measures 20 steps,
@@ -335,7 +337,7 @@ def train(model, processor, data, *, steps: int, batch_size: int = 8, grad_accum
     clock, step = time.perf_counter(), start
     while step < stop:
         micro = [{k: v.to(device, non_blocking=True) for k, v in next(batches).items()} for _ in range(grad_accum)]
-        out = train_step(loss_module, optimizer, micro, lr * lr_factor(step, steps, warmup), world, clip, bf16, average)
+        out = train_step(loss_module, optimizer, micro, lr * lr_factor(step, steps, warmup, lr_floor), world, clip, bf16, average)
         step += 1
         for key, value in (("step", step), *out.items(), ("seconds", time.perf_counter() - clock)):
             history[key].append(value)

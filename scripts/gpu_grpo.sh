@@ -1,23 +1,20 @@
 #!/usr/bin/env bash
-# All the GPU work of the GRPO issue in one call (about 5 minutes on one H100), right after
-# scripts/gpu_sft.sh in the same device command:
+# The GPU run of the GRPO lesson in one call (a few minutes on one H100), after scripts/gpu_sft.sh:
 #
-#   bash scripts/gpu_grpo.sh SFT_DIR OUT_DIR [extra helpers.grpo flags, e.g. --smoke]
+#   bash scripts/gpu_grpo.sh OUT_DIR [extra scripts/grpo_experiment.py flags, e.g. --steps 2 --eval 6]
 #
-# SFT_DIR: the SFT checkpoint to start from (trained there with the gpu SFT profile if missing).
-# OUT_DIR: gets at most 4 files: metrics.json, log.txt, grpo_curves.png, grpo_vs_sft.png (rewritten
-# after each seed, so a run stopped by the 300 s timeout still leaves what it finished).
-# It runs `python -m helpers.grpo --profile gpu`: the SFT start evaluated on val/test/ood, three
-# GRPO seeds (each capped at the profile's max_seconds of training, then evaluated), and our loop's
-# vs TRL GRPOTrainer's step time and rollout tokens/s on the same model and settings.
+# It runs `scripts/grpo_experiment.py --profile gpu`: the gpu SFT profile stopped at the grpo
+# profile's start_step (trained and cached first if missing), then for each of the three seeds GRPO
+# and its compute-matched SFT control from that start, all three scored on the same test and OOD
+# questions beside the image-blind baselines, best-of-G before/after, and TRL GRPOTrainer beside our
+# loop for a few steps. OUT_DIR gets experiment.json and experiment.png.
 #
 # Wheels: the ones scripts/gpu_wheels.sh put in .whl/ (carry `.whl`); skipped when gpu_sft.sh has
-# already installed them into /tmp/site in this call. On the CPU, test it end to end with
-#   PYTHON=.venv/bin/python bash scripts/gpu_grpo.sh /tmp/sft_ckpt /tmp/grpo_out --smoke
+# already installed them into /tmp/site in this call. Rehearse on the CPU with
+#   PYTHON=.venv/bin/python QWENVL_PROFILE_OVERRIDE=cpu bash scripts/gpu_grpo.sh /tmp/grpo_out --steps 1 --eval 6 --seeds 0
 set -euo pipefail
-SFT_DIR=${1:?usage: bash scripts/gpu_grpo.sh SFT_DIR OUT_DIR [flags]}
-OUT_DIR=${2:?usage: bash scripts/gpu_grpo.sh SFT_DIR OUT_DIR [flags]}
-shift 2
+OUT_DIR=${1:?usage: bash scripts/gpu_grpo.sh OUT_DIR [flags]}
+shift 1
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
@@ -32,5 +29,6 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT_DIR"
 "$PY" -c "import torch, transformers, trl; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'cuda', torch.cuda.is_available())"
 start=$(date +%s)
-timeout "${GRPO_TIMEOUT:-300}" "$PY" -m helpers.grpo --profile gpu --sft "$SFT_DIR" --out "$OUT_DIR" "$@"
+timeout "${GRPO_TIMEOUT:-420}" "$PY" scripts/grpo_experiment.py --profile "${QWENVL_PROFILE_OVERRIDE:-gpu}" --out "$OUT_DIR" \
+  --jobs 1 --trl-steps 4 "$@"
 echo "gpu_grpo.sh: $(( $(date +%s) - start )) s wall; wrote: $(ls "$OUT_DIR" | tr '\n' ' ')"

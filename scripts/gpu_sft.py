@@ -242,7 +242,7 @@ def gpu_report(out_dir, checkpoint_dir, smoke: bool = False) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--report", required=True, help="folder for metrics.json, log.txt and the two PNGs")
-    parser.add_argument("--out", required=True, help="folder for the trained checkpoint (scripts/gpu_grpo.sh starts there)")
+    parser.add_argument("--out", required=True, help="folder for the trained checkpoint")
     parser.add_argument("--smoke", action="store_true", help="a tiny CPU rehearsal")
     args = parser.parse_args(argv)
     gpu_report(args.report, args.out, smoke=args.smoke)

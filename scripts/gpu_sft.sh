@@ -2,7 +2,7 @@
 # All GPU measurements of SFT in one call (≈ 5 minutes on one H100):
 #   1. install the carried wheels (.whl/, made here by scripts/gpu_wheels.sh) into /tmp/site;
 #   2. train the gpu profile of helpers.sft (≤ 3 min, capped by its max_seconds), evaluate
-#      before/after on val/test/ood beside the image-blind baselines (n, p-values), save the checkpoint to CKPT_DIR (for scripts/gpu_grpo.sh);
+#      before/after on val/test/ood beside the image-blind baselines (n, p-values), save the checkpoint to CKPT_DIR;
 #   3. tokens/s of our loop vs TRL SFTTrainer (same model, batches, collator, loss);
 #   4. qwen25vl_3b_config() with random weights, bf16, gradient checkpointing: step time,
 #      tokens/s, MFU (vs 989 TFLOP/s dense bf16) and peak memory, full FT and LoRA.

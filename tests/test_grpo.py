@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import grpo
+from helpers import grpo, grpo_plots, grpo_trl, rollouts
 from helpers.data import make_split
 from helpers.qwen import load_model, load_processor
 
@@ -25,14 +25,14 @@ def setup(tmp_path_factory):
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     samples = make_split("train", 3, seed=0, image_size=84)
-    rollout = grpo.sample_completions(model, processor, samples, num_generations=2, max_new_tokens=5, seed=0)
+    rollout = rollouts.sample_completions(model, processor, samples, num_generations=2, max_new_tokens=5, seed=0)
     # Variable completion lengths: end tokens at different places (the random model rarely stops).
     ids = rollout.completion_ids.clone()
     for row, stop in enumerate([0, 1, 2, 4, 3, 5]):
         if stop < ids.size(1):
-            ids[row, stop] = grpo.IM_END
-    rollout.completion_mask = grpo.completion_mask_after_eos(ids)
-    rollout.completion_ids = torch.where(rollout.completion_mask.bool(), ids, torch.full_like(ids, grpo.PAD))
+            ids[row, stop] = rollouts.IM_END
+    rollout.completion_mask = rollouts.completion_mask_after_eos(ids)
+    rollout.completion_ids = torch.where(rollout.completion_mask.bool(), ids, torch.full_like(ids, rollouts.PAD))
     return dict(folder=folder, model=model, processor=processor, samples=samples, rollout=rollout)
 
 
@@ -73,10 +73,10 @@ def test_group_advantages_reject_bad_input(rewards, G, scale):
 
 
 def test_completion_mask_keeps_up_to_the_first_end_token():
-    E, P, x = grpo.IM_END, grpo.PAD, 11
+    E, P, x = rollouts.IM_END, rollouts.PAD, 11
     ids = torch.tensor([[x, x, E, x, E], [E, x, x, x, x], [x, x, x, x, x], [x, P, x, E, x]])
     expected = torch.tensor([[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
-    assert torch.equal(grpo.completion_mask_after_eos(ids), expected)
+    assert torch.equal(rollouts.completion_mask_after_eos(ids), expected)
 
 
 def test_k3_is_nonnegative_zero_at_equality_and_unbiased():
@@ -132,25 +132,25 @@ def test_our_loss_equals_trl_grpo_trainer_compute_loss(setup, tmp_path, mode):
     """
     ro, processor = setup["rollout"], setup["processor"]
     dtype, tolerance = (torch.float64, 1e-12) if mode == "maths" else (torch.float32, 1e-5)
-    cfg = grpo.default_settings("cpu") | dict(prompts_per_step=3, num_generations=2, max_new_tokens=ro.completion_ids.size(1))
+    cfg = grpo.GRPOSettings.from_profile("cpu", prompts_per_step=3, num_generations=2, max_new_tokens=ro.completion_ids.size(1))
     ours = load_model(setup["folder"], dtype=dtype)
     reference = load_model(seed=1, dtype=dtype)  # another model, so the KL is not zero
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        current = grpo.per_token_logps(ours, ro)
-        ref = grpo.per_token_logps(reference, ro)
+        current = rollouts.per_token_logps(ours, ro)
+        ref = rollouts.per_token_logps(reference, ro)
     old = current + 0.3 * torch.randn(current.shape, generator=generator, dtype=dtype)  # ratios off 1: clipping acts
     advantages = torch.randn(len(current), generator=generator, dtype=dtype)
     for i, (loss_type, beta, eps, eps_high, correction) in enumerate(CASES):
-        settings = cfg | dict(loss_type=loss_type, beta=beta, epsilon=eps, epsilon_high=eps_high,
-                              kl_ratio_correction=correction)
-        trainer = grpo.trl_trainer(setup["folder"], processor, setup["samples"], settings, tmp_path / str(i), dtype=dtype)
-        logps = grpo.per_token_logps(ours, ro)
+        settings = cfg.replace(loss_type=loss_type, beta=beta, epsilon=eps, epsilon_high=eps_high,
+                               kl_ratio_correction=correction)
+        trainer = grpo_trl.trl_trainer(setup["folder"], processor, setup["samples"], settings, tmp_path / str(i), dtype=dtype)
+        logps = rollouts.per_token_logps(ours, ro)
         if mode == "maths":
             shared = logps.detach().requires_grad_(True)
             trainer._get_per_token_logps_and_entropies = lambda *a, **k: (shared, torch.zeros_like(shared), None)
             logps = shared
-        theirs = grpo.trl_loss(trainer, ro, advantages, old, ref if beta else None)
+        theirs = grpo_trl.trl_loss(trainer, ro, advantages, old, ref if beta else None)
         mine, stats = grpo.grpo_loss(logps, old, ref, advantages, ro.completion_mask, beta, eps, eps_high, loss_type,
                                      ro.completion_ids.size(1), correction)
         torch.testing.assert_close(mine, theirs.to(dtype), rtol=0, atol=tolerance)
@@ -172,7 +172,7 @@ def test_our_loss_equals_trl_grpo_trainer_compute_loss(setup, tmp_path, mode):
 def test_per_token_logps_match_full_forward(setup):
     ro, model = setup["rollout"], setup["model"]
     with torch.no_grad():
-        ours = grpo.per_token_logps(model, ro, temperature=0.7)
+        ours = rollouts.per_token_logps(model, ro, temperature=0.7)
         logits = model(**ro.forward_inputs()).logits  # (N, Lp + K, V)
         k = ro.completion_ids.size(1)
         full = (logits[:, -k - 1:-1] / 0.7).log_softmax(-1).gather(2, ro.completion_ids.unsqueeze(-1)).squeeze(-1)
@@ -186,31 +186,31 @@ def test_per_token_logps_match_full_forward(setup):
 
 def test_sample_completions_shapes_groups_and_determinism(setup):
     model, processor, samples = setup["model"], setup["processor"], setup["samples"]
-    a = grpo.sample_completions(model, processor, samples[:2], num_generations=3, max_new_tokens=4, seed=5)
-    b = grpo.sample_completions(model, processor, samples[:2], num_generations=3, max_new_tokens=4, seed=5)
+    a = rollouts.sample_completions(model, processor, samples[:2], num_generations=3, max_new_tokens=4, seed=5)
+    b = rollouts.sample_completions(model, processor, samples[:2], num_generations=3, max_new_tokens=4, seed=5)
     assert a.completion_ids.shape == (6, 4) and a.prompt_ids.size(0) == 6 and len(a.texts) == 6
     assert torch.equal(a.completion_ids, b.completion_ids)
     assert [s.index for s in a.samples] == [0, 0, 0, 1, 1, 1]
     assert (a.prompt_mask[:, -1] == 1).all()  # left padding: every prompt ends at the last column
     for bad in (dict(num_generations=0), dict(temperature=0.0), dict(max_new_tokens=0)):
         with pytest.raises(ValueError, match="expected"):
-            grpo.sample_completions(model, processor, samples[:1], **({"num_generations": 2} | bad))
+            rollouts.sample_completions(model, processor, samples[:1], **({"num_generations": 2} | bad))
 
 
 def test_train_logs_every_step_and_widget_reads_the_rollouts(setup):
     model = load_model(setup["folder"])
-    cfg = grpo.default_settings("cpu") | dict(steps=2, prompts_per_step=2, num_generations=2, max_new_tokens=4)
+    cfg = grpo.GRPOSettings.from_profile("cpu", steps=2, prompts_per_step=2, num_generations=2, max_new_tokens=4, beta=0.04)
     store = []
     history = grpo.train(model, setup["processor"], setup["samples"], cfg, seed=0, progress=False,
-                         on_step=lambda *a: grpo.record_rollout(*a, store=store))
+                         on_step=lambda *a: grpo_plots.record_rollout(*a, store=store))
     assert [h["step"] for h in history] == [0, 1] and len(store) == 2
     for key in ("reward", "accuracy", "iou", "kl", "completion_length", "loss", "step_seconds", "rollout_tokens_per_s"):
         assert key in history[0]
     assert history[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step: policy = reference
-    assert cfg["freeze_embeddings"] and torch.equal(model.get_input_embeddings().weight, setup["model"].get_input_embeddings().weight)
-    view = grpo.rollout_view(step=1, prompt=1, store=store)
+    assert cfg.freeze_embeddings and torch.equal(model.get_input_embeddings().weight, setup["model"].get_input_embeddings().weight)
+    view = grpo_plots.rollout_view(step=1, prompt=1, store=store)
     assert len(view.data["texts"]) == 2 and "advantage" in view.html
-    demo = grpo.rollout_view()  # no training yet: stand-in rollouts, real rewards
+    demo = grpo_plots.rollout_view()  # no training yet: stand-in rollouts, real rewards
     assert demo.data["task"][0] == 1.0 and demo.figure is not None
 
 
@@ -222,31 +222,66 @@ def test_compute_rewards_rejects_unknown_names():
 # ------------------------------------------------------------------ command line
 
 
-def test_cli_smoke_run_writes_four_files(setup, tmp_path):
-    metrics = grpo.run("cpu", tmp_path / "out", sft_dir=setup["folder"], seeds=[0, 1], smoke=True, trl_steps=2, log=None)
-    files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert files == ["grpo_curves.png", "grpo_vs_sft.png", "log.txt", "metrics.json"]
-    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert set(saved["summary"]) == {"val", "test", "ood"} and len(saved["summary"]["test"]["grpo_seeds"]) == 2
-    assert metrics["trl"]["rollout_tokens_per_s"] > 0 and metrics["ours"]["rollout_tokens_per_s"] > 0
+def test_sft_continuation_sees_the_grpo_prompts_at_a_constant_rate(setup):
+    """The control arm: the same prompt images as GRPO's schedule, each once, at GRPO's learning rate."""
+    cfg = grpo.GRPOSettings.from_profile("cpu", steps=2, prompts_per_step=2, lr=3e-4)
+    prompts = make_split("train", 5, seed=4, image_size=84)
+    run = grpo.sft_continuation(load_model(setup["folder"]), setup["processor"], prompts, cfg, seed=0)
+    assert run.history["lr"] == [3e-4, 3e-4] and len(run.history["loss"]) == 2
+    schedule = grpo.prompt_schedule(5, 2, 2, seed=0)
+    assert sorted(i for step in schedule for i in step) == sorted(set(i for step in schedule for i in step))  # each once
+
+
+def test_best_of_g_is_at_least_the_mean_reward(setup):
+    cfg = grpo.GRPOSettings.from_profile("cpu", num_generations=3, max_new_tokens=4)
+    out = rollouts.best_of_g(setup["model"], setup["processor"], setup["samples"], cfg, seed=0)
+    for task, row in out.items():
+        assert 0 <= row["mean"] <= row["best"] <= 1 and 0 <= row["zero_std"] <= 1 and row["n"] >= 1
+
+
+def test_settings_are_typed_and_checked(monkeypatch):
+    cfg = grpo.GRPOSettings.from_profile("cpu")
+    assert (cfg.loss_type, cfg.beta, cfg.num_generations, cfg.num_iterations) == ("dapo", 0.0, 8, 1)  # TRL 1.16's defaults
+    for bad, match in ((dict(loss_type="ppo"), "loss_type="), (dict(steps=0), "steps="), (dict(lr=2.0), "lr="),
+                       (dict(tasks=("colour",)), "tasks="), (dict(reward_weights={"length": 1.0}), "unknown rewards")):
+        with pytest.raises(ValueError, match=match):
+            cfg.replace(**bad)
+    from helpers import profiles
+
+    monkeypatch.setitem(profiles.PROFILES["cpu"]["grpo"], "gamma", 0.9)
+    with pytest.raises(KeyError, match="unknown grpo settings"):
+        grpo.GRPOSettings.from_profile("cpu")
+
+
+def test_experiment_summary_compares_arms_against_the_seed_spread():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from grpo_experiment import summarise
+
+    def run(seed, start, sft, grpo_score):
+        arms = {arm: {"test": {"grounding": {"score": v, "n": 100, "blind": 0.33, "p": 0.5}}}
+                for arm, v in (("start", start), ("sft", sft), ("grpo", grpo_score))}
+        return {"seed": seed, "arms": arms}
+
+    table = summarise([run(0, 0.2, 0.4, 0.30), run(1, 0.2, 0.45, 0.32), run(2, 0.2, 0.42, 0.31)])["test"]["grounding"]
+    assert table["spread"] == pytest.approx(0.05) and table["grpo_gain"] == pytest.approx(0.11)
+    assert table["grpo_gain_beats_spread"] and table["grpo_vs_sft"] == pytest.approx(0.31 - 1.27 / 3)
 
 
 def test_cli_runs_under_torchrun_with_two_processes(setup, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "QWENVL_PROFILE": "cpu"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-               "-m", "helpers.grpo", "--out", str(tmp_path / "ddp"), "--sft", str(setup["folder"]), "--smoke",
-               "--seeds", "0", "--steps", "1", "--n-eval", "0", "--trl-steps", "0"]
+               "-m", "helpers.grpo", "--out", str(tmp_path / "ddp"), "--sft", str(setup["folder"]), "--steps", "1"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    saved = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
-    assert saved["world"] == 2 and saved["runs"]["0"]["steps"] == 1
+    saved = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())
+    assert saved["world"] == 2 and saved["step"] == 1
 
 
 def test_bucketing_by_task_gives_the_same_greedy_answers(setup):
     model, processor = setup["model"], setup["processor"]
     samples = make_split("train", 6, seed=3, image_size=84)
     assert len({s.task for s in samples}) > 1
-    plain = grpo.sample_completions(model, processor, samples, 1, max_new_tokens=6, greedy=True)
-    bucketed = grpo.sample_completions(model, processor, samples, 1, max_new_tokens=6, greedy=True, bucket_by_task=True)
+    plain = rollouts.sample_completions(model, processor, samples, 1, max_new_tokens=6, greedy=True)
+    bucketed = rollouts.sample_completions(model, processor, samples, 1, max_new_tokens=6, greedy=True, bucket_by_task=True)
     assert bucketed.texts == plain.texts
     assert torch.equal(bucketed.completion_mask.sum(1), plain.completion_mask.sum(1))

@@ -336,10 +336,10 @@ def test_training_forward_receives_the_3d_positions_of_get_rope_index(processor,
     assert len(set(zip(*(got[k, 0, image].tolist() for k in range(3))))) == int(image.sum())  # each image token its own (t, h, w)
 
 
-def test_sft_and_grpo_evaluations_agree(processor):
-    """One checkpoint, the two trainings' evaluation paths: GRPO's greedy rollouts give the answers
-    helpers.evaluation generates, and grpo.evaluate reports the same scores."""
-    from helpers import evaluation, grpo
+def test_sft_and_grpo_generation_paths_agree(processor):
+    """One checkpoint, the two trainings' generation paths: GRPO's greedy rollouts give exactly the
+    answers helpers.evaluation generates (the one evaluator of notebooks 10 and 11)."""
+    from helpers import evaluation, rollouts
 
     model = tiny_model()
     with torch.no_grad():
@@ -347,10 +347,8 @@ def test_sft_and_grpo_evaluations_agree(processor):
             p.add_(0.05 * torch.randn_like(p))
     samples = make_split("val", 9, **DATA)
     ours = evaluation.generate_answers(model, processor, samples, max_new_tokens=8)
-    rollout = grpo.sample_completions(model, processor, samples, 1, max_new_tokens=8, greedy=True)
+    rollout = rollouts.sample_completions(model, processor, samples, 1, max_new_tokens=8, greedy=True)
     assert rollout.texts == ours
-    full = evaluation.evaluate(model, processor, samples, batch_size=4)
-    assert grpo.evaluate(model, processor, samples, batch_size=4) == evaluation.summary(full)
 
 
 # --- recipes ------------------------------------------------------------------------------------------
