@@ -169,6 +169,24 @@ def test_profile_checkpoint_dir_follows_the_settings(monkeypatch):
     assert checkpoints.profile_checkpoint_dir("cpu") != first
 
 
+def test_the_early_sft_start_has_its_own_folder_and_is_trained_when_missing(monkeypatch, tmp_path, capsys):
+    """GRPO's start: the profile's SFT run stopped at start_step, in a folder of its own; when it is
+    missing, sft_checkpoint says so and trains exactly that many steps."""
+    from helpers import profiles
+
+    assert checkpoints.profile_checkpoint_dir("cpu", step=150).name == checkpoints.profile_checkpoint_dir("cpu").name + "-step150"
+    for bad in (0, -3, 1.5, True):
+        with pytest.raises(ValueError, match="step="):
+            checkpoints.profile_checkpoint_dir("cpu", step=bad)
+    monkeypatch.setenv("QWENVL_CACHE", str(tmp_path))
+    monkeypatch.setitem(profiles.PROFILES["cpu"]["grpo"], "start_step", 2)
+    monkeypatch.setitem(profiles.PROFILES["cpu"]["sft"], "batch_size", 2)
+    path = checkpoints.sft_checkpoint("cpu", progress=False)
+    assert "training it now" in capsys.readouterr().out and checkpoints.is_complete(path)
+    assert json.loads((path / checkpoints.STATE_FILE).read_text())["step"] == 2
+    assert checkpoints.sft_checkpoint("cpu", progress=False) == path and "training" not in capsys.readouterr().out
+
+
 # --- training, checkpoints, resume --------------------------------------------------------------
 
 

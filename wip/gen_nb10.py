@@ -281,20 +281,36 @@ model keeps fixed because it starts from random weights (the appendix explains a
 pretrained checkpoint does not need it).
 """)
 
+md(r"""
+Notebook 11 starts its reinforcement learning from this run **stopped halfway** (the grpo profile's
+`start_step`), where the model places a box right only now and then. So the run is made in two calls: the
+first stops at that step and saves a checkpoint into the course cache, the second resumes from it and
+finishes. Section 8 shows why that is the same run as one call.
+""")
+
 code(r"""
+from helpers.checkpoints import profile_checkpoint_dir
 from helpers.data import ShapesStream
+from helpers.grpo import GRPOSettings
 from helpers.sft_plots import plot_training
 
 data = ShapesStream("train", R["n_train"], R["seed"], **DATA)  # samples drawn on demand, deterministic
+run = dict(steps=R["steps"], batch_size=R["batch_size"], grad_accum=R["grad_accum"], lr=R["lr"], warmup=R["warmup"],
+           seed=R["seed"], lr_scales=R["lr_scales"], average=R["average"])
 t0 = time.perf_counter()
-result = train(model, processor, data, steps=R["steps"], batch_size=R["batch_size"], grad_accum=R["grad_accum"],
-               lr=R["lr"], warmup=R["warmup"], seed=R["seed"], lr_scales=R["lr_scales"], average=R["average"])
+if R["kind"] == "course model":  # stop at notebook 11's start, save it, resume to the end
+    start_step = GRPOSettings.from_profile().start_step
+    early_dir = profile_checkpoint_dir(step=start_step)
+    train(model, processor, data, stop_at=start_step, checkpoint_dir=early_dir, **run)
+    result = train(model, processor, data, resume_from=early_dir, **run)
+else:
+    result = train(model, processor, data, **run)
 train_seconds = time.perf_counter() - t0
 loss = result.history["loss"]
 trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 print(f"{len(loss)} steps in {train_seconds:.0f} s, {trainable:,} trainable parameters; "
       f"loss {loss[0]:.2f} → {sum(loss[-10:]) / 10:.3f} (mean of last 10)")
-assert sum(loss[-10:]) / 10 < loss[0] / 4
+assert len(loss) == R["steps"] and sum(loss[-10:]) / 10 < loss[0] / 4
 plot_training(result.history, title=f"SFT loss, {PROFILE} profile");
 """)
 
@@ -415,7 +431,7 @@ whose batch, schedule or trainable parameters differ from the run asking for it.
 
 code(r"""
 import tempfile
-from helpers.checkpoints import profile_checkpoint_dir, save_checkpoint
+from helpers.checkpoints import save_checkpoint
 from helpers.qwen import load_model
 
 folder = tempfile.mkdtemp(prefix="sft_")
