@@ -242,6 +242,35 @@ def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_sect
     return angles.cos(), angles.sin()
 
 
+
+def interleaved_pair_axes(mrope_section) -> np.ndarray:
+    """Qwen3-VL's layout, for comparison: which axis (0 t, 1 h, 2 w) drives each rotary pair when
+    M-RoPE is interleaved. Pair j goes to h when j % 3 == 1 and j < 3·mrope_section[1], to w when
+    j % 3 == 2 and j < 3·mrope_section[2], to t otherwise ([24, 20, 20] → t h w t h w … t t t t; a
+    section whose 3·size exceeds the pairs gets fewer pairs than it names, as in the library).
+    Mirrors ``Qwen3VLTextRotaryEmbedding.recomposition_frequencies`` (transformers 5.24)."""
+    if any(int(s) < 0 for s in mrope_section) or len(mrope_section) != 3:
+        raise ValueError(f"mrope_section={list(mrope_section)}: expected three non-negative sizes (t, h, w)")
+    axes = np.zeros(sum(int(s) for s in mrope_section), dtype=int)
+    for axis in (1, 2):
+        axes[axis:3 * int(mrope_section[axis]):3] = axis
+    return axes
+
+
+def axis_frequencies(inv_freq: torch.Tensor, axes) -> torch.Tensor:
+    """(3, pairs): the angle in radians by which each rotary pair of a head turns when the t, h or w
+    id grows by one. Row a holds ``inv_freq[j]`` for the pairs j that axis a drives (``axes[j] == a``,
+    from ``pair_axes`` or ``interleaved_pair_axes``) and 0 for the others, so a token at ids
+    (t, h, w) rotates pair j by ``t·f[0, j] + h·f[1, j] + w·f[2, j]``: the angles of
+    ``Qwen2_5_VLRotaryEmbedding.forward`` (``Qwen3VLTextRotaryEmbedding.forward`` for the
+    interleaved layout)."""
+    axes = torch.as_tensor(np.asarray(axes))
+    if axes.shape != inv_freq.shape:
+        raise ValueError(f"{len(axes)} pair axes for {inv_freq.numel()} frequencies")
+    rows = torch.arange(3).view(3, 1)
+    return torch.where(axes.view(1, -1) == rows, inv_freq.float().view(1, -1), torch.zeros(()))
+
+
 # ---------------------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------------------
@@ -289,6 +318,30 @@ def plot_pair_axes(sections: dict[str, list[int]]):
     ax.set_xlim(0, 1)
     ax.grid(False)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=3)
+    return figure
+
+
+
+def plot_axis_frequencies(layouts: dict[str, torch.Tensor], span: int | None = None):
+    """One panel per layout: each rotary pair's frequency (rad per id, log scale) coloured by the
+    axis that drives it; ``layouts`` maps a title to ``axis_frequencies``' (3, pairs) tensor. With
+    ``span`` a second y-axis reads the angle turned over ``span`` ids."""
+    figure, axs = new_figure(ncols=len(layouts), width=7.5, height=3.0, sharey=True)
+    axs = np.atleast_1d(axs)
+    colours = (COLOURS["loss"], COLOURS["text"], COLOURS["image"])
+    for ax, (title, frequencies) in zip(axs, layouts.items()):
+        pairs = np.arange(frequencies.shape[1])
+        for axis in range(3):
+            used = np.asarray(frequencies[axis] > 0)
+            ax.scatter(pairs[used], np.asarray(frequencies[axis])[used], s=10, color=colours[axis], label=f"{AXES[axis]} pairs")
+        ax.set_yscale("log")
+        ax.set_xlabel("rotary pair j of a head")
+        ax.set_title(title, fontsize=10)
+    axs[0].set_ylabel("rad per id step")
+    axs[0].legend(loc="lower left", fontsize=8)
+    if span:
+        right = axs[-1].secondary_yaxis("right", functions=(lambda f: f * span, lambda a: a / span))
+        right.set_ylabel(f"rad over {span} ids")
     return figure
 
 

@@ -1,7 +1,9 @@
 """helpers.rope against the model's own get_rope_index and rotary embedding (notebook 08)."""
 
+import math
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -278,3 +280,76 @@ def test_decoder_positions_need_mm_token_type_ids(model, processor):
     length = inputs["input_ids"].shape[1]
     _, counted = decoder_positions(model, {**without, "position_ids": torch.arange(length).expand(3, 1, length)})
     assert torch.equal(counted, flat_logits) and (logits - flat_logits).abs().max() > 1e-4
+
+
+def _angles(frequencies, positions):
+    """cos, sin (batch, length, head_dim) of the angles t·f[0] + h·f[1] + w·f[2] of each pair."""
+    angles = torch.einsum("abl,aj->blj", positions.float(), frequencies)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+@pytest.mark.parametrize("config", [course_config(), qwen25vl_3b_config()], ids=["course", "3B"])
+def test_axis_frequencies_equal_rotary_embedding(config):
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding
+
+    rotary = Qwen2_5_VLRotaryEmbedding(config.text_config)
+    frequencies = rope.axis_frequencies(rotary.inv_freq, pair_axes(rotary.mrope_section))
+    assert torch.equal(frequencies.sum(0), rotary.inv_freq) and ((frequencies > 0).sum(0) == 1).all()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        positions = torch.randint(0, 5000, (3, 2, 17), generator=gen)
+        cos, sin = _angles(frequencies, positions)
+        ref_cos, ref_sin = rotary(torch.zeros(1), positions)
+        torch.testing.assert_close(cos, ref_cos)
+        torch.testing.assert_close(sin, ref_sin)
+
+
+def test_axis_frequencies_of_the_3b_per_axis():
+    """Notebook 08's numbers: over 40 ids the fastest w pair turns 40·θ^(-80/128) ≈ 0.0071 rad, the
+    fastest h pair 40·θ^(-32/128) ≈ 1.265 rad; every w pair is slower than every h pair, every h
+    pair slower than every t pair."""
+    text = qwen25vl_3b_config().text_config
+    head_dim = text.hidden_size // text.num_attention_heads
+    frequencies = rope.axis_frequencies(inverse_frequencies(head_dim), pair_axes(text.rope_parameters["mrope_section"]))
+    fastest = frequencies.amax(-1)
+    slowest = torch.stack([row[row > 0].min() for row in frequencies])
+    assert slowest[0] > fastest[1] and slowest[1] > fastest[2]
+    assert math.isclose(40 * fastest[2].item(), 40 * 1e6 ** (-80 / 128), rel_tol=1e-6)
+    assert math.isclose(40 * fastest[1].item(), 40 * 1e6 ** (-32 / 128), rel_tol=1e-6)
+    assert round(40 * fastest[2].item(), 4) == 0.0071 and round(40 * fastest[1].item(), 3) == 1.265
+
+
+def test_interleaved_pair_axes_equal_qwen3_vl():
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
+
+    for section in ([24, 20, 20], [4, 6, 6], [10, 3, 3]):
+        config = Qwen3VLTextConfig(hidden_size=64, num_attention_heads=1, head_dim=2 * sum(section), num_hidden_layers=1,
+                                   intermediate_size=32, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                                          "mrope_section": section})
+        rotary = Qwen3VLTextRotaryEmbedding(config)
+        tags = torch.arange(3).float().view(3, 1, 1, 1).expand(3, 1, 1, sum(section)).clone()
+        theirs = rotary.recomposition_frequencies(tags)[0, 0, : sum(section)].long().numpy()
+        axes = rope.interleaved_pair_axes(section)
+        assert (axes == theirs).all()
+        frequencies = rope.axis_frequencies(rotary.inv_freq, axes)
+        positions = torch.randint(0, 5000, (3, 2, 9), generator=torch.Generator().manual_seed(1))
+        cos, sin = _angles(frequencies, positions)
+        ref_cos, ref_sin = rotary(torch.zeros(1), positions)
+        torch.testing.assert_close(cos, ref_cos)
+        torch.testing.assert_close(sin, ref_sin)
+
+
+def test_interleaved_layout_of_qwen3_vl_default():
+    """[24, 20, 20] over 64 pairs: t h w repeated 20 times, then 4 t pairs; every axis spans the range."""
+    axes = rope.interleaved_pair_axes([24, 20, 20])
+    assert np.bincount(axes, minlength=3).tolist() == [24, 20, 20]
+    assert axes[:60].tolist() == [0, 1, 2] * 20 and axes[60:].tolist() == [0] * 4
+
+
+def test_axis_frequency_bad_inputs():
+    with pytest.raises(ValueError, match="pair axes"):
+        rope.axis_frequencies(torch.ones(4), [0, 1, 2])
+    with pytest.raises(ValueError, match="three non-negative"):
+        rope.interleaved_pair_axes([4, 4])
