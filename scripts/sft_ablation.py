@@ -6,7 +6,7 @@ into ``--out`` (committed under ``assets/results/sft_cpu/``; notebook 10 shows t
 
     python scripts/sft_ablation.py --out assets/results/sft_cpu [--eval 300] [--jobs 2]
 
-About 20 minutes on 2 cores with ``--jobs 2`` (each job one thread; the JSON records the wall time).
+About 10 minutes on 2 cores with ``--jobs 2`` (each job one thread; the JSON records the wall time).
 """
 
 from __future__ import annotations
