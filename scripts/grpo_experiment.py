@@ -100,19 +100,20 @@ def trl_route(start, prompts, cfg, steps: int) -> dict:
 
 
 def summarise(runs: list[dict]) -> dict:
-    """Per split, task and arm: the score of each seed, their mean and spread (max − min); the GRPO
-    gain over the start and over the SFT control, and whether each exceeds the seed spread."""
+    """Per split and task: each arm's score per seed, mean and spread over seeds (max − min; the start
+    is one checkpoint, so its spread is 0); the GRPO gain over the start, whether it exceeds GRPO's seed
+    spread, and GRPO minus the SFT control."""
     table = {}
     first = runs[0]["arms"]["start"]
     for split, tasks in first.items():
         for task, row in tasks.items():
             scores = {arm: [r["arms"][arm][split][task]["score"] for r in runs] for arm in ARMS}
             mean = {arm: sum(v) / len(v) for arm, v in scores.items()}
-            spread = max(max(v) - min(v) for arm, v in scores.items() if arm != "start")
+            spread = {arm: max(v) - min(v) for arm, v in scores.items()}
             table.setdefault(split, {})[task] = {
                 "n": row["n"], "blind": row["blind"], "scores": scores, "mean": mean, "spread": spread,
                 "grpo_gain": mean["grpo"] - mean["start"], "grpo_vs_sft": mean["grpo"] - mean["sft"],
-                "grpo_gain_beats_spread": mean["grpo"] - mean["start"] > spread}
+                "grpo_gain_beats_spread": mean["grpo"] - mean["start"] > spread["grpo"]}
     return table
 
 

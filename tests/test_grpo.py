@@ -263,7 +263,8 @@ def test_experiment_summary_compares_arms_against_the_seed_spread():
         return {"seed": seed, "arms": arms}
 
     table = summarise([run(0, 0.2, 0.4, 0.30), run(1, 0.2, 0.45, 0.32), run(2, 0.2, 0.42, 0.31)])["test"]["grounding"]
-    assert table["spread"] == pytest.approx(0.05) and table["grpo_gain"] == pytest.approx(0.11)
+    assert table["spread"]["sft"] == pytest.approx(0.05) and table["spread"]["grpo"] == pytest.approx(0.02)
+    assert table["spread"]["start"] == 0 and table["grpo_gain"] == pytest.approx(0.11)
     assert table["grpo_gain_beats_spread"] and table["grpo_vs_sft"] == pytest.approx(0.31 - 1.27 / 3)
 
 
