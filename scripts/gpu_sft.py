@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from helpers.chat import IGNORE_INDEX  # noqa: E402
-from helpers.data import make_split  # noqa: E402
+from helpers.data import Sample, make_split  # noqa: E402
 from helpers.evaluation import blind_baselines, score_table, unwrap  # noqa: E402
 from helpers.lora import apply_lora  # noqa: E402
 from helpers.optim import make_optimizer  # noqa: E402

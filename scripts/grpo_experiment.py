@@ -23,13 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from jobs import run_jobs  # noqa: E402  (scripts/jobs.py)
 
 ARMS = ("start", "sft", "grpo")
 
@@ -169,24 +170,15 @@ def main(argv=None) -> None:
     sft_checkpoint(args.profile)  # once, before the seeds start (they all read it)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    started, pending, running, runs = time.perf_counter(), list(seeds), [], {}
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            seed = pending.pop(0)
-            cmd = [sys.executable, __file__, "--one", str(seed), "--profile", args.profile, "--trl-steps", str(args.trl_steps)]
-            cmd += (["--steps", str(args.steps)] if args.steps else []) + (["--eval", str(args.eval)] if args.eval else [])
-            running.append((seed, subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)))
-        time.sleep(2)
-        for seed, proc in list(running):
-            if proc.poll() is None:
-                continue
-            running.remove((seed, proc))
-            line = next((x for x in proc.stdout.read().splitlines() if x.startswith("RESULT ")), None)
-            if proc.returncode or line is None:
-                raise SystemExit(f"seed {seed} failed (exit {proc.returncode})")
-            runs[seed] = json.loads(line[len("RESULT "):])
-            print(f"seed {seed}: " + json.dumps({arm: {s: {t: round(v['score'], 3) for t, v in r.items()}
-                                                       for s, r in runs[seed]["arms"][arm].items()} for arm in ARMS}), flush=True)
+    started = time.perf_counter()
+    flags = ["--profile", args.profile, "--trl-steps", str(args.trl_steps)]
+    flags += (["--steps", str(args.steps)] if args.steps else []) + (["--eval", str(args.eval)] if args.eval else [])
+
+    def report(seed, run):
+        print(f"seed {seed}: " + json.dumps({arm: {s: {t: round(v["score"], 3) for t, v in r.items()}
+                                                   for s, r in run["arms"][arm].items()} for arm in ARMS}), flush=True)
+
+    runs = run_jobs({seed: [sys.executable, __file__, "--one", str(seed), *flags] for seed in seeds}, args.jobs, ROOT, report)
     ordered = [runs[s] for s in seeds]
     import torch
     import transformers

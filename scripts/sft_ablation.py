@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from jobs import run_jobs  # noqa: E402  (scripts/jobs.py)
 
 #: name → (what changes, overrides of settings("sft", "cpu")); "data" overrides merge into the profile's data
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -105,25 +106,14 @@ def main(argv=None) -> None:
         raise SystemExit(f"--eval={args.eval}, --jobs={args.jobs}: each must be ≥ 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pending, running, results = list(names), [], {}
     started = time.perf_counter()
-    while pending or running:
-        while pending and len(running) < args.jobs:
-            name = pending.pop(0)
-            cmd = [sys.executable, __file__, "--one", name, "--eval", str(args.eval)]
-            running.append((name, subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)))
-        time.sleep(2)
-        for name, proc in list(running):
-            if proc.poll() is None:
-                continue
-            running.remove((name, proc))
-            line = next((x for x in proc.stdout.read().splitlines() if x.startswith("RESULT ")), None)
-            if proc.returncode or line is None:
-                raise SystemExit(f"variant {name!r} failed (exit {proc.returncode})")
-            results[name] = json.loads(line[len("RESULT "):])
-            r = results[name]
-            print(f"{name:20s} {r['train_seconds']:6.1f} s  loss {r['final_loss']:.3f}  "
-                  + "  ".join(f"{t} {v['score']:.3f} (n={v['n']})" for t, v in r["test"].items()), flush=True)
+
+    def report(name, r):
+        print(f"{name:20s} {r['train_seconds']:6.1f} s  loss {r['final_loss']:.3f}  "
+              + "  ".join(f"{t} {v['score']:.3f} (n={v['n']})" for t, v in r["test"].items()), flush=True)
+
+    results = run_jobs({name: [sys.executable, __file__, "--one", name, "--eval", str(args.eval)] for name in names},
+                       args.jobs, ROOT, report)
     ordered = [results[n] for n in names]
     import torch
     import transformers
