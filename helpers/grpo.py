@@ -223,7 +223,7 @@ def _group_stats(rollout: Rollout, rewards: dict) -> dict:
     format, completion length, and the share of groups whose G rewards are all equal, overall and
     per task (``zero_std_<task>``: those groups teach nothing)."""
     tasks, G = rollout.tasks, rollout.num_generations
-    scores = torch.as_tensor(R.task_reward(rollout.texts, tasks, rollout.targets), dtype=torch.float32)
+    scores = rewards["task"] if "task" in rewards else torch.as_tensor(R.task_reward(rollout.texts, tasks, rollout.targets))
     flat = rewards["total"].view(-1, G).std(1) == 0 if G > 1 else torch.ones(len(tasks), dtype=torch.bool)
     group_tasks = tasks[::G]
     out = dict(reward=rewards["total"].mean().item(),
@@ -311,7 +311,10 @@ def train(model, processor, prompts: Sequence, cfg: GRPOSettings, seed: int = 0,
     from tqdm.auto import tqdm
 
     rank, world = _rank_world()
-    ref_model = ref_model if ref_model is not None and cfg.beta > 0 else (frozen_copy(model) if cfg.beta > 0 else None)
+    if cfg.beta == 0:  # no KL term: no reference model at all (TRL's default)
+        ref_model = None
+    elif ref_model is None:
+        ref_model = frozen_copy(model)
     _freeze_table(model, cfg)  # before DDP lists the trainable parameters
     scorer = CompletionLogProbs(model)
     if world > 1:  # DDP hooks the scorer's forward: gradients are averaged over ranks in backward
