@@ -44,6 +44,7 @@ from helpers.optim import lr_factor, make_optimizer
 from helpers.chat import IGNORE_INDEX, assistant_loss_mask, labels_from_mask
 from helpers.data import Sample, sample_messages
 from helpers.evaluation import unwrap
+from helpers.packing import PackingCollator, token_count
 from helpers.qwen import SPECIAL_TOKENS
 
 IMAGE_PAD = SPECIAL_TOKENS["<|image_pad|>"]
@@ -168,7 +169,8 @@ def labelled_loss(model, batch: dict, reduction: str = "mean") -> torch.Tensor:
     first and sums the rows, so a 2-token colour answer weighs as much as a 30-token box.
     """
     base = unwrap(model)
-    hidden = base.model(**{k: batch[k] for k in MODEL_INPUTS}, use_cache=False).last_hidden_state  # (B, T, D)
+    inputs = {k: batch[k] for k in (*MODEL_INPUTS, "position_ids") if k in batch}  # packed rows: no attention_mask
+    hidden = base.model(**inputs, use_cache=False).last_hidden_state  # (B, T, D)
     labels = batch["labels"][:, 1:]                   # (B, T-1): the token each position predicts
     keep = labels != IGNORE_INDEX                     # (B, T-1)
     logits = base.lm_head(hidden[:, :-1][keep])       # (N, V), N = labelled tokens ≪ B·T
@@ -284,7 +286,7 @@ def train_step(loss_module, optimizer, micro: list[dict], lr: float, world: int 
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return {"loss": float(total / count), "grad_norm": float(norm), "lr": lr,
-            "tokens": int(sum(int(b["attention_mask"].sum()) for b in micro))}
+            "tokens": sum(token_count(b) for b in micro)}
 
 
 def train(model, processor, data, *, steps: int, batch_size: int = 8, grad_accum: int = 1, lr: float = 1e-3,
@@ -292,7 +294,7 @@ def train(model, processor, data, *, steps: int, batch_size: int = 8, grad_accum
           lr_floor: float = 0.1,
           device=None, bf16: bool | None = None, num_workers: int = 0, checkpoint_dir=None, save_every: int = 0,
           resume_from=None, stop_at: int | None = None, progress: bool = True, log: list | None = None,
-          max_seconds: float | None = None, average: str = "token") -> TrainResult:
+          max_seconds: float | None = None, average: str = "token", pack: bool = False) -> TrainResult:
     """Train ``model`` on ``data`` (a list of Samples or a ``ShapesStream``) for ``steps`` optimiser steps.
 
     One step = ``grad_accum`` micro-batches of ``batch_size`` samples per process (``train_step``).
@@ -302,12 +304,16 @@ def train(model, processor, data, *, steps: int, batch_size: int = 8, grad_accum
     by this function (refused if its schedule, batch or trainable parameters differ); ``stop_at``
     ends early at that step (the schedule still spans ``steps``); ``max_seconds`` measures 20 steps,
     then shortens ``steps`` (hence the schedule) so that training ends within that many seconds.
+    ``pack=True`` feeds each micro-batch as one packed row (``helpers.packing.PackingCollator``,
+    notebook 12): the same labels and loss, no padding.
     """
     for name, value in (("steps", steps), ("batch_size", batch_size), ("grad_accum", grad_accum)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}={value!r}: expected an integer ≥ 1")
     if average not in AVERAGES:
         raise ValueError(f"average={average!r}: expected one of {AVERAGES}")
+    if pack and average != "token":
+        raise ValueError(f"average={average!r} with pack=True: a packed row holds many answers; expected 'token'")
     if not (isinstance(lr, (int, float)) and 0 < lr < 1):
         raise ValueError(f"lr={lr!r}: expected a learning rate in (0, 1)")
     rank, world = _dist()
@@ -328,7 +334,8 @@ def train(model, processor, data, *, steps: int, batch_size: int = 8, grad_accum
     stop = min(steps, stop_at or steps)
     loader = torch.utils.data.DataLoader(
         data, batch_sampler=_StepBatches(len(data), batch_size, start * grad_accum, stop * grad_accum, seed, rank, world),
-        collate_fn=SFTCollator(processor), num_workers=num_workers, pin_memory=device.type == "cuda",
+        collate_fn=PackingCollator(processor) if pack else SFTCollator(processor), num_workers=num_workers,
+        pin_memory=device.type == "cuda",
         prefetch_factor=4 if num_workers else None)
     batches = iter(loader)
     from tqdm.auto import tqdm
