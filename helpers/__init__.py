@@ -4,7 +4,10 @@ Each module names the notebook that teaches it:
 
 - ``helpers.qwen``          00: the offline processor, the course model, the 3B config.
 - ``helpers.chat``          01: conversations, token chips, the loss mask.
-- ``helpers.vision``        02: smart_resize, box mapping, the double resize.
+- ``helpers.vision``        02: smart_resize, the double resize, the box widget.
+- ``helpers.boxes``         01–02, 10–11: box mapping (sizes (height, width)), IoU, the grounding
+  answers (the released fenced layout, the course task's compact one) and their one parser.
+- ``helpers.constants``     02–07: patch 14, merge 2, factor 28, the pixel limits, defined once.
 - ``helpers.video``         03: smart_nframes, the synthetic video.
 - ``helpers.patches``       04: patchify / unpatchify.
 - ``helpers.vision_tower``  05–07: patch embed, window attention, vision RoPE, merger, the tower.

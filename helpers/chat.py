@@ -14,6 +14,8 @@ from typing import Sequence
 
 import torch
 
+from helpers.boxes import box_to_resized, fenced_grounding_answer
+from helpers.constants import FACTOR
 from helpers.qwen import SPECIAL_TOKENS
 from helpers.widgets import View, register_widget
 
@@ -249,39 +251,6 @@ def loss_mask_figure(input_ids, mask, pad_id: int | None = None, title: str = ""
 
 
 # ---------------------------------------------------------------------------------------------
-# Grounding answers (Qwen2.5-VL's bbox_2d JSON)
-# ---------------------------------------------------------------------------------------------
-
-
-def grounding_answer(objects: Sequence[tuple[Sequence[int], str]]) -> str:
-    """Qwen2.5-VL's grounding answer: a fenced JSON list of ``{"bbox_2d": [x1, y1, x2, y2],
-    "label": …}``, coordinates in absolute pixels of the *resized* image the model saw."""
-    import json
-
-    if not objects:
-        raise ValueError("objects=[]: expected at least one (box, label) pair")
-    lines = []
-    for box, label in objects:
-        if len(box) != 4 or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in box):
-            raise ValueError(f"box={box!r}: expected four integers ≥ 0 (pixels of the resized image)")
-        lines.append("\t" + json.dumps({"bbox_2d": list(box), "label": label}))
-    return "```json\n[\n" + ",\n".join(lines) + "\n]\n```"
-
-
-def parse_grounding(text: str) -> list[dict]:
-    """The objects of a grounding answer (the fence is optional); ValueError if it is not JSON."""
-    import json
-    import re
-
-    body = re.sub(r"^\s*```(?:json)?\s*|\s*```\s*$", "", text)
-    try:
-        objects = json.loads(body)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"not a grounding answer ({error}): {text[:80]!r}") from None
-    return objects if isinstance(objects, list) else [objects]
-
-
-# ---------------------------------------------------------------------------------------------
 # Notebook 01's example conversation and widget
 # ---------------------------------------------------------------------------------------------
 
@@ -312,12 +281,12 @@ def course_clip():
 
 def example_answer() -> str:
     """The grounding answer for the course photo: its face box in pixels of the resized image."""
-    from helpers.vision import FACE_BOX, box_to_resized, course_photo, smart_resize
+    from helpers.vision import FACE_BOX, course_photo, smart_resize
 
     original = course_photo().size[::-1]  # (H, W)
     processor = course_processor().image_processor
-    resized = smart_resize(*original, 28, processor.size["shortest_edge"], processor.size["longest_edge"])
-    return grounding_answer([(box_to_resized(FACE_BOX, original, resized), "face")])
+    resized = smart_resize(*original, FACTOR, processor.size["shortest_edge"], processor.size["longest_edge"])
+    return fenced_grounding_answer([(box_to_resized(FACE_BOX, original, resized), "face")])
 
 
 def example_conversation(user_text: str = EXAMPLE_QUESTION, system: bool = False, image: bool = True,

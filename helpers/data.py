@@ -30,14 +30,15 @@ measures whether colour and shape were learnt apart, not whether the model can s
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from helpers.boxes import compact_grounding_answer
 from helpers.chat import format_data
+from helpers.constants import FACTOR
 
 SHAPES = ("circle", "square", "triangle")
 #: Colour name → RGB. Well apart in RGB so one 14-pixel patch tells them apart.
@@ -51,7 +52,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 TASKS = ("count", "attribute", "grounding")
 SPLITS = ("train", "val", "test", "ood")
 #: One cell per merged vision token: patch 14 × spatial merge 2 (Qwen2.5-VL's ``image_factor``).
-CELL = 28
+CELL = FACTOR
 #: Background at the top-left corner; ``position_cue`` darkens red to the right and blue downwards.
 BACKGROUND = (250, 246, 250)
 #: Largest tint (in 0–255 levels, at the far edge) for ``position_cue=1``.
@@ -88,11 +89,6 @@ class Sample:
     split: str = "train"
     index: int = 0
     seed: int = 0
-
-
-def grounding_answer(bbox: list[int], label: str) -> str:
-    """Qwen2.5-VL's grounding answer: compact JSON ``[{"bbox_2d": [...], "label": ...}]``."""
-    return json.dumps([{"bbox_2d": [int(v) for v in bbox], "label": label}], separators=(", ", ": "))
 
 
 def grid_cells(image_size: int) -> int:
@@ -216,7 +212,7 @@ def _make_one(rng, task: str, split: str, opts: dict) -> tuple[str, str, object,
     if task == "attribute":
         return question, colour, colour, shapes
     bbox = list(shapes[0]["bbox"])
-    return question, grounding_answer(bbox, f"{colour} {shape}"), bbox, shapes
+    return question, compact_grounding_answer(bbox, f"{colour} {shape}"), bbox, shapes
 
 
 def make_sample(split: str, index: int, seed: int = 0, **options) -> Sample:

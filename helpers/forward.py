@@ -20,8 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from helpers.constants import MAX_PIXELS, TOKEN_PIXELS
 from helpers.plots import COLOURS, new_figure
 from helpers.rope import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, mrope_cos_sin, rope_index
+from helpers.vision import visual_tokens
 from helpers.widgets import View, register_widget
 
 # ---------------------------------------------------------------------------------------------
@@ -321,14 +323,6 @@ def kv_cache_bytes_per_token(text_config, dtype: torch.dtype = torch.bfloat16) -
     return 2 * text_config.num_hidden_layers * text_config.num_key_value_heads * head_dim * BYTES[dtype]
 
 
-def visual_tokens(height: int, width: int, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 16384) -> int:
-    """Tokens one image costs: its ``smart_resize``d area / 28² (transformers' qwen2_vl smart_resize)."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
-    h, w = smart_resize(int(height), int(width), factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
-    return h * w // 784
-
-
 def image_memory(config, tokens: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
     """Bytes an image of ``tokens`` visual tokens adds at inference: its KV cache in the decoder, and
     the score matrix of one full-attention vision block if attention is computed eagerly
@@ -338,7 +332,7 @@ def image_memory(config, tokens: int, dtype: torch.dtype = torch.bfloat16) -> di
             "vision_scores_eager": config.vision_config.num_heads * patches ** 2 * BYTES[dtype]}
 
 
-def plot_memory_vs_image_size(config, weights: int, sides=None, max_pixels: int = 28 * 28 * 16384):
+def plot_memory_vs_image_size(config, weights: int, sides=None, max_pixels: int = MAX_PIXELS):
     """GiB vs a square image's side: weights, + KV cache of its tokens, + eager vision scores."""
     sides = np.asarray(sides if sides is not None else np.linspace(224, 4480, 40), dtype=int)
     tokens = np.array([visual_tokens(s, s, max_pixels=max_pixels) for s in sides])
@@ -387,7 +381,7 @@ def budget_view(height: int = 600, width: int = 512, max_tokens: int = 16384, im
     """The 3B's inference memory for ``images`` images of height×width with ``max_pixels = max_tokens ×
     28²`` (per image): visual tokens, KV cache, eager vision scores, against the bf16 weights."""
     config, weights = _three_b()
-    tokens = visual_tokens(height, width, max_pixels=int(max_tokens) * 784)
+    tokens = visual_tokens(height, width, max_pixels=int(max_tokens) * TOKEN_PIXELS)
     memory = image_memory(config, tokens)
     mib = 2 ** 20
     bars = {"bf16 weights": weights / mib, "KV cache": images * memory["kv_cache"] / mib,
@@ -406,5 +400,5 @@ def budget_view(height: int = 600, width: int = 512, max_tokens: int = 16384, im
 
 def megapixel_tokens() -> float:
     """Visual tokens per megapixel: 1e6 / 28² (each token covers 28×28 pixels after resize)."""
-    return 1e6 / 784
+    return 1e6 / TOKEN_PIXELS
 

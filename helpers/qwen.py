@@ -45,6 +45,8 @@ from transformers import (
 )
 from transformers.image_utils import SizeDict
 
+from helpers.constants import MAX_PIXELS, MERGE_SIZE, MIN_PIXELS, PATCH_SIZE, TEMPORAL_PATCH_SIZE, TOKEN_PIXELS
+
 # Keep notebook outputs to what the lesson shows: no loading bars or advisory warnings.
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
@@ -162,11 +164,11 @@ QWEN25VL_CHAT_TEMPLATE_SHA256 = "4df95d05455c2a6f762616492bba63d0f9bef904ef47daa
 #: The checkpoint's preprocessor_config.json: 3,136 to 12,845,056 pixels (4 to 16,384 visual tokens)
 #: per image, and, since there is no video processor file, per video frame too.
 CHECKPOINT_PREPROCESSOR_CONFIG = {
-    "min_pixels": 3136,
-    "max_pixels": 12845056,
-    "patch_size": 14,
-    "temporal_patch_size": 2,
-    "merge_size": 2,
+    "min_pixels": MIN_PIXELS,
+    "max_pixels": MAX_PIXELS,
+    "patch_size": PATCH_SIZE,
+    "temporal_patch_size": TEMPORAL_PATCH_SIZE,
+    "merge_size": MERGE_SIZE,
     "image_mean": [0.48145466, 0.4578275, 0.40821073],
     "image_std": [0.26862954, 0.26130258, 0.27577711],
     "image_processor_type": "Qwen2VLImageProcessor",  # early snapshots: "Qwen2_5_VLImageProcessor" (see below)
@@ -454,7 +456,7 @@ def _set_video_limits(video_processor, limits: dict) -> None:
 
 def _check_pixel_limits(low: int | None, high: int | None, prefix: str) -> None:
     for name, value in ((f"{prefix}min_pixels", low), (f"{prefix}max_pixels", high)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 28 * 28):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < TOKEN_PIXELS):
             raise ValueError(f"{name}={value!r}: expected an integer ≥ 784 (one 28×28 visual token)")
     if low is not None and high is not None and low > high:
         raise ValueError(f"{prefix}min_pixels={low} is larger than {prefix}max_pixels={high}; need min ≤ max")

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from helpers import checkpoints
+from helpers.constants import TOKEN_PIXELS
 from helpers.data import ShapesStream, make_split
 from helpers.evaluation import evaluate, summary, unwrap
 from helpers.profiles import settings
@@ -73,7 +74,7 @@ def model_for_profile(profile: str | None = None, device="cpu", model: str | os.
         if r["method"] == "lora":
             return apply_lora(built, r=r["lora_r"], alpha=r["lora_alpha"], train_merger=r["train_merger"]), processor
         return (freeze_vision(built, train_merger=r["train_merger"]) if r["freeze_vision"] else built), processor
-    processor = load_processor(min_pixels=28 * 28, max_pixels=side * side)
+    processor = load_processor(min_pixels=TOKEN_PIXELS, max_pixels=side * side)
     built = load_model(config=course_config(**r["model"]), seed=r["seed"], device=device)
     init_course_model(built, r["embedding_std"], r["logit_scale_init"], r["seed"])
     if r.get("freeze_embeddings"):

@@ -28,10 +28,11 @@ completion they cannot read scores 0.
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from typing import Any, Sequence
+from typing import Any
+
+from helpers.boxes import iou, parse_grounding
 
 TASKS = ("count", "attribute", "grounding")
 
@@ -44,7 +45,6 @@ IOU_HIT = 0.5
 
 _COUNT = re.compile(r"[0-9]{1,%d}" % MAX_COUNT_DIGITS)
 _WORD = re.compile(r"[a-z]{1,20}")
-_FENCE = re.compile(r"```(?:json)?[ \t]*\n?(.*?)\n?[ \t]*```", re.DOTALL)
 
 
 def _check_task(task: str) -> None:
@@ -72,21 +72,13 @@ def _parse_box(box: Any) -> list[float] | None:
 
 
 def _parse_grounding(text: str) -> list[float] | None:
-    body = text.strip()
-    fenced = _FENCE.fullmatch(body)
-    if fenced:
-        body = fenced.group(1).strip()
-    if not body.startswith(("[", "{")):
-        return None  # text before the JSON
     try:
-        value = json.loads(body)  # raises on text after the JSON, too
-    except (ValueError, RecursionError):
+        objects = parse_grounding(text)
+    except ValueError:
         return None
-    if isinstance(value, dict):  # a bare object is forgiven: {"bbox_2d": [...]}
-        value = [value]
-    if not isinstance(value, list) or len(value) != 1 or not isinstance(value[0], dict):
-        return None  # empty, several boxes, or nested lists
-    return _parse_box(value[0].get("bbox_2d"))
+    if len(objects) != 1:
+        return None  # empty, or several boxes
+    return _parse_box(objects[0].get("bbox_2d"))
 
 
 def parse_answer(task: str, text: str) -> int | str | list[float] | None:
@@ -107,32 +99,6 @@ def parse_answer(task: str, text: str) -> int | str | list[float] | None:
         body = _strip_full_stop(text).lower()
         return body if _WORD.fullmatch(body) else None
     return _parse_grounding(text)
-
-
-def iou(box_a: Sequence[float], box_b: Sequence[float]) -> float:
-    """Intersection over union of two ``[x1, y1, x2, y2]`` boxes, in [0, 1].
-
-    Mirrors ``torchvision.ops.box_iou`` for valid boxes. A box with ``x2 < x1`` or ``y2 < y1`` is
-    empty (area 0), so its IoU with anything is 0; two empty boxes also give 0 (no 0/0).
-    Raises ValueError unless each box is 4 finite numbers.
-    """
-    boxes = []
-    for name, box in (("box_a", box_a), ("box_b", box_b)):
-        try:
-            values = [float(v) for v in box]
-        except (TypeError, ValueError):
-            raise ValueError(f"{name}={box!r}: expected 4 numbers [x1, y1, x2, y2]") from None
-        if len(values) != 4 or not all(math.isfinite(v) for v in values):
-            raise ValueError(f"{name}={box!r}: expected 4 finite numbers [x1, y1, x2, y2]")
-        boxes.append(values)
-    (ax1, ay1, ax2, ay2), (bx1, by1, bx2, by2) = boxes
-    area_a = max(ax2 - ax1, 0.0) * max(ay2 - ay1, 0.0)
-    area_b = max(bx2 - bx1, 0.0) * max(by2 - by1, 0.0)
-    inter = max(min(ax2, bx2) - max(ax1, bx1), 0.0) * max(min(ay2, by2) - max(ay1, by1), 0.0)
-    union = area_a + area_b - inter
-    if area_a == 0.0 or area_b == 0.0 or union <= 0.0:
-        return 0.0
-    return min(max(inter / union, 0.0), 1.0)
 
 
 def _target_value(task: str, target: Any) -> int | str | list[float]:
@@ -249,24 +215,3 @@ def think_format_reward(completions, task=None, target=None, **kwargs) -> list[f
     """
     return _per_completion(lambda t, text, y: float(_R1_FORMAT.fullmatch(text) is not None),
                            completions, task, target)
-
-
-# ---------------------------------------------------------------------------------------------
-# Coordinate systems (QUESTIONS.md trap #17)
-# ---------------------------------------------------------------------------------------------
-
-
-def rescale_box(box: Sequence[float], from_size: tuple[int, int], to_size: tuple[int, int]) -> list[float]:
-    """Map ``[x1, y1, x2, y2]`` from an image of ``from_size`` (width, height) to ``to_size``.
-
-    For example original pixels → resized pixels (``to_size`` from ``smart_resize``), or Qwen2-VL's
-    0–1000 grid (``from_size=(1000, 1000)``) → resized pixels. Raises ValueError on a bad size.
-    """
-    for name, size in (("from_size", from_size), ("to_size", to_size)):
-        if len(size) != 2 or not all(isinstance(v, (int, float)) and v > 0 for v in size):
-            raise ValueError(f"{name}={size!r}: expected (width, height), both > 0")
-    if len(box) != 4:
-        raise ValueError(f"box={box!r}: expected 4 numbers [x1, y1, x2, y2]")
-    sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
-    x1, y1, x2, y2 = (float(v) for v in box)
-    return [x1 * sx, y1 * sy, x2 * sx, y2 * sy]

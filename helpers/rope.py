@@ -27,8 +27,10 @@ import math
 import numpy as np
 import torch
 
+from helpers.constants import FACTOR, MAX_PIXELS, MIN_PIXELS, TOKEN_PIXELS
 from helpers.plots import COLOURS, new_figure
 from helpers.qwen import SPECIAL_TOKENS
+from helpers.vision import smart_resize
 from helpers.widgets import View, register_widget
 
 IMAGE_TOKEN_ID = SPECIAL_TOKENS["<|image_pad|>"]
@@ -354,11 +356,9 @@ def plot_axis_frequencies(layouts: dict[str, torch.Tensor], span: int | None = N
 WIDGET_VIDEO_SIZE = (336, 448)  # H, W of each video frame (already a multiple of 28)
 
 
-def _resized(height: int, width: int, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 16384) -> tuple[int, int]:
-    """The processor's resize target (transformers' qwen2_vl ``smart_resize``)."""
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
-    return smart_resize(height, width, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
+def _resized(height: int, width: int, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """The processor's resize target (``helpers.vision.smart_resize``, equal to transformers')."""
+    return smart_resize(height, width, FACTOR, min_pixels, max_pixels)
 
 
 def video_plan(seconds: float, fps: float, frame_size=WIDGET_VIDEO_SIZE) -> dict:
@@ -453,7 +453,7 @@ def _chat(processor, parts: list[str], question: str) -> str:
 #: Per-frame pixel bounds (shortest_edge = min, longest_edge = max) for the example video: its
 #: 112×140 frames stay at their size (4×5 merged tokens per temporal patch) instead of being
 #: upscaled to the video processor's default minimum of 128 tokens per frame.
-EXAMPLE_VIDEO_SIZE = {"shortest_edge": 16 * 28 * 28, "longest_edge": 64 * 28 * 28}
+EXAMPLE_VIDEO_SIZE = {"shortest_edge": 16 * TOKEN_PIXELS, "longest_edge": 64 * TOKEN_PIXELS}
 
 
 def example_inputs(processor, case: str, photo=None, video_fps: float = 2.0):

@@ -9,6 +9,7 @@ import math
 import torch
 
 from helpers.chat import IGNORE_INDEX
+from helpers.constants import TOKEN_PIXELS
 from helpers.data import make_split
 from helpers.profiles import settings
 from helpers.qwen import SPECIAL_TOKENS, load_processor
@@ -112,7 +113,7 @@ _WIDGET_CACHE: dict = {}
 
 def _widget_batch():
     if "items" not in _WIDGET_CACHE:
-        processor = load_processor(min_pixels=28 * 28, max_pixels=settings("sft")["data"]["image_size"] ** 2)
+        processor = load_processor(min_pixels=TOKEN_PIXELS, max_pixels=settings("sft")["data"]["image_size"] ** 2)
         samples = make_split("val", 6, 0, **settings("sft")["data"])
         _WIDGET_CACHE.update(processor=processor, samples=samples, items=encode_samples(processor, samples))
     return _WIDGET_CACHE

@@ -24,6 +24,7 @@ os.environ.setdefault("FORCE_QWENVL_VIDEO_READER", "decord")
 
 import numpy as np  # noqa: E402
 
+from helpers.constants import FACTOR, TOKEN_PIXELS  # noqa: E402
 from helpers.plots import COLOURS, new_figure  # noqa: E402
 from helpers.widgets import View, register_widget  # noqa: E402
 
@@ -244,11 +245,11 @@ def fetch_video_frame_size(nframes: int, height: int, width: int, min_pixels: in
 
     for name, value in (("nframes", nframes), ("height", height), ("width", width)):
         _check_positive(name, value, integer=True)
-    min_pixels = VIDEO_MIN_UNITS * 28 * 28 if min_pixels is None else min_pixels
-    total_pixels = model_seq_len * 28 * 28 * 0.9 if total_pixels is None else total_pixels
-    cap = max(min(VIDEO_MAX_UNITS * 28 * 28, total_pixels / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
+    min_pixels = VIDEO_MIN_UNITS * TOKEN_PIXELS if min_pixels is None else min_pixels
+    total_pixels = model_seq_len * TOKEN_PIXELS * 0.9 if total_pixels is None else total_pixels
+    cap = max(min(VIDEO_MAX_UNITS * TOKEN_PIXELS, total_pixels / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
     cap = cap if max_pixels is None else min(max_pixels, cap)
-    return smart_resize(height, width, factor=28, min_pixels=min_pixels, max_pixels=cap)
+    return smart_resize(height, width, factor=FACTOR, min_pixels=min_pixels, max_pixels=cap)
 
 
 def temporal_positions(grid_t: int, second_per_grid_t: float, tokens_per_second: int = 2) -> list[int]:

@@ -20,21 +20,14 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Integral
 
 import numpy as np
 
+from helpers.boxes import box_to_resized, box_to_thousandths, iou
+from helpers.constants import FACTOR, MAX_PIXELS, MAX_RATIO, MIN_PIXELS, PATCH_SIZE, TOKEN_PIXELS
 from helpers.plots import COLOURS, new_figure
 from helpers.widgets import View, register_widget
-
-#: Side of one visual token in pixels: patch 14 × spatial merge 2.
-FACTOR = 28
-#: The real checkpoint's image limits (preprocessor_config.json), also qwen-vl-utils' defaults:
-#: 4 to 16,384 visual tokens.
-MIN_PIXELS = 4 * FACTOR * FACTOR
-MAX_PIXELS = 16384 * FACTOR * FACTOR
-#: Longest side / shortest side above which both libraries refuse an image.
-MAX_RATIO = 200
 
 # ---------------------------------------------------------------------------------------------
 # smart_resize
@@ -143,7 +136,7 @@ def double_resize(height: int, width: int, first: tuple[int, int], second: tuple
             "resized_twice": processed != fetched, "differs_from_direct": processed != direct}
 
 
-def processed_size(image_grid_thw, patch_size: int = 14) -> tuple[int, int]:
+def processed_size(image_grid_thw, patch_size: int = PATCH_SIZE) -> tuple[int, int]:
     """(height, width) the processor finally resized one image to, read from its
     ``image_grid_thw`` row (t, h, w): ``(h·patch_size, w·patch_size)``, the inverse of
     ``Qwen2VLImageProcessor``'s ``grid_h = resized_height // patch_size``. Box targets must be in
@@ -182,9 +175,9 @@ def random_resize_cases(count: int = 12_000, seed: int = 0, thin_share: float = 
         cases.append((height, width, factor, low * factor * factor, high * factor * factor))
     sides = (1, 2, 13, 14, 15, 27, 28, 29, 41, 42, 43, 55, 56, 57, 999, 1000, 20_000, 50_000)
     budgets = ((4, 16384), (256, 1280), (1, 1), (4, 4), (16384, 16384), (1280, 1280))
-    cases += [(h, w, 28, lo * 784, hi * 784) for h in sides for w in sides for lo, hi in budgets]
-    cases += [(s, 200 * s, 28, lo * 784, hi * 784) for s in (1, 5, 13, 14, 28, 100) for lo, hi in budgets]
-    cases += [(201 * s, s, 28, 4 * 784, 16384 * 784) for s in (1, 7, 28)]
+    cases += [(h, w, FACTOR, lo * TOKEN_PIXELS, hi * TOKEN_PIXELS) for h in sides for w in sides for lo, hi in budgets]
+    cases += [(s, MAX_RATIO * s, FACTOR, lo * TOKEN_PIXELS, hi * TOKEN_PIXELS) for s in (1, 5, 13, 14, 28, 100) for lo, hi in budgets]
+    cases += [(201 * s, s, FACTOR, MIN_PIXELS, MAX_PIXELS) for s in (1, 7, 28)]
     return cases
 
 
@@ -227,67 +220,6 @@ def compare_with_libraries(cases) -> dict:
             counts["utils_zero_side"] += int(not isinstance(utils, str) and 0 in utils)
             disagreements.append(row)
     return {"counts": counts, "disagreements": disagreements, "rejections": rejections}
-
-
-# ---------------------------------------------------------------------------------------------
-# Boxes: original pixels ↔ resized pixels
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_size(name: str, size) -> tuple[int, int]:
-    if not isinstance(size, (tuple, list)) or len(size) != 2:
-        raise TypeError(f"{name}={size!r}: expected (height, width)")
-    return (_check_int(f"{name}[0] (height)", size[0], 1, "pixels"),
-            _check_int(f"{name}[1] (width)", size[1], 1, "pixels"))
-
-
-def _check_box(box, size: tuple[int, int]) -> tuple[float, float, float, float]:
-    if not isinstance(box, (tuple, list, np.ndarray)) or len(box) != 4:
-        raise TypeError(f"box={box!r}: expected (x1, y1, x2, y2)")
-    if not all(isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v) for v in box):
-        raise TypeError(f"box={box!r}: expected four finite numbers")
-    x1, y1, x2, y2 = (float(v) for v in box)
-    height, width = size
-    if not (0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height):
-        raise ValueError(f"box={tuple(box)}: expected 0 ≤ x1 ≤ x2 ≤ {width} and 0 ≤ y1 ≤ y2 ≤ {height} "
-                         f"(pixels of an image of height {height}, width {width})")
-    return x1, y1, x2, y2
-
-
-def map_box(box, from_size, to_size) -> tuple[float, float, float, float]:
-    """Box (x1, y1, x2, y2) in pixels of an image of ``from_size`` = (height, width), expressed in
-    pixels of the same image resized to ``to_size`` (x scales by the width ratio, y by the height
-    ratio). Exact floats: ``map_box(map_box(b, a, c), c, a) ≈ b``.
-    """
-    from_size, to_size = _check_size("from_size", from_size), _check_size("to_size", to_size)
-    x1, y1, x2, y2 = _check_box(box, from_size)
-    sx, sy = to_size[1] / from_size[1], to_size[0] / from_size[0]
-    return (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
-
-
-def box_to_resized(box, original_size, resized_size) -> list[int]:
-    """A ground-truth box in original pixels → integer pixels of the resized image, the
-    coordinates Qwen2.5-VL reads and writes in ``bbox_2d`` (round to nearest)."""
-    return [int(round(v)) for v in map_box(box, original_size, resized_size)]
-
-
-def box_to_original(box, resized_size, original_size) -> list[float]:
-    """A ``bbox_2d`` the model wrote (pixels of the resized image) → pixels of the original."""
-    return list(map_box(box, resized_size, original_size))
-
-
-def box_to_thousandths(box, size) -> list[int]:
-    """Qwen2-VL's convention, for comparison: coordinates scaled to 0–1000 of the image."""
-    return box_to_resized(box, size, (1000, 1000))
-
-
-def box_iou(a, b) -> float:
-    """Intersection over union of two (x1, y1, x2, y2) boxes in the same coordinates."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,10 +337,10 @@ def staircase_figure(sides=None, budgets=((4, 16384), (256, 1280)), aspect: floa
     sides = np.arange(20, 4001) if sides is None else np.asarray(sides)
     figure, (full, zoom) = new_figure(2, 1, width=8.0, height=3.2)
     for (low, high), colour in zip(budgets, (COLOURS["image"], COLOURS["loss"])):
-        tokens = [visual_tokens(max(1, round(aspect * w)), int(w), FACTOR, low * 784, high * 784) for w in sides]
+        tokens = [visual_tokens(max(1, round(aspect * w)), int(w), FACTOR, low * TOKEN_PIXELS, high * TOKEN_PIXELS) for w in sides]
         for axis in (full, zoom):
             axis.plot(sides, tokens, color=colour, lw=1.2, label=f"{low}…{high} tokens")
-    naive = np.maximum(1, np.round(aspect * sides)) * sides / 784
+    naive = np.maximum(1, np.round(aspect * sides)) * sides / TOKEN_PIXELS
     for axis in (full, zoom):
         axis.plot(sides, naive, color=COLOURS["pad"], lw=0.8, ls="--", label="H·W/784")
         axis.set_xlabel("original width W (height = 0.75·W)")
@@ -445,7 +377,7 @@ def heatmap_figure(heights, widths, min_pixels: int = MIN_PIXELS, max_pixels: in
     axis.set_yscale("log")
     axis.set_xlabel("original width W (log)")
     axis.set_ylabel("original height H (log)")
-    axis.set_title(f"tokens, budget {min_pixels // 784}…{max_pixels // 784}")
+    axis.set_title(f"tokens, budget {min_pixels // TOKEN_PIXELS}…{max_pixels // TOKEN_PIXELS}")
     axis.grid(False)
     return figure, grid
 
@@ -476,7 +408,7 @@ def box_view(x: int = 165, y: int = 135, box_width: int = 200, box_height: int =
     box = (x, y, min(original[1], x + max(0, box_width)), min(original[0], y + max(0, box_height)))
     target = box_to_resized(box, original, resized)
     unconverted = [min(v, resized[1 - i % 2]) for i, v in enumerate(box)]  # x clipped to W, y to H
-    iou = box_iou(target, unconverted)
+    overlap = iou(target, unconverted)
     figure, (left, right) = _two_panels()
     thumb = _photo_thumbnail()
     for axis, (h, w), title in ((left, original, f"original {original[0]}×{original[1]}"),
@@ -493,7 +425,7 @@ def box_view(x: int = 165, y: int = 135, box_width: int = 200, box_height: int =
     _box_patch(right, unconverted, COLOURS["accent"], linestyle="--")
     html = (f"original box {list(box)} → <code>{{\"bbox_2d\": {target}}}</code> in the resized "
             f"{resized[0]}×{resized[1]} image (max {max_tokens} tokens; solid). The original numbers used "
-            f"unconverted (dashed) overlap it with IoU {iou:.2f}. Qwen2-VL 0–1000 form: "
+            f"unconverted (dashed) overlap it with IoU {overlap:.2f}. Qwen2-VL 0–1000 form: "
             f"{box_to_thousandths(box, original)}")
     return View(html=html, figure=figure, data={"original_box": box, "bbox_2d": target, "resized": resized,
-                                                "unconverted": unconverted, "iou": iou})
+                                                "unconverted": unconverted, "iou": overlap})

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from helpers.constants import MAX_PIXELS, MERGE_SIZE, MIN_PIXELS, PATCH_SIZE, TOKEN_PIXELS
 from helpers.plots import COLOURS, new_figure
+from helpers.vision import smart_resize
 from helpers.widgets import View, register_widget
 
 # ---------------------------------------------------------------------------------------------
@@ -537,21 +539,16 @@ def position_order_figure(grid_h: int, grid_w: int, spatial_merge_size: int = 2,
 # Widgets
 # ---------------------------------------------------------------------------------------------
 
-_CHECKPOINT_LIMITS = (56 * 56, 28 * 28 * 16384)
-
-
-def _resized_grid(height: int, width: int, patch_size: int = 14, merge: int = 2,
-                  min_pixels: int = _CHECKPOINT_LIMITS[0], max_pixels: int = _CHECKPOINT_LIMITS[1]):
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
-    rh, rw = smart_resize(height, width, factor=patch_size * merge, min_pixels=min_pixels, max_pixels=max_pixels)
+def _resized_grid(height: int, width: int, patch_size: int = PATCH_SIZE, merge: int = MERGE_SIZE,
+                  min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS):
+    rh, rw = smart_resize(height, width, patch_size * merge, min_pixels, max_pixels)
     return rh, rw, rh // patch_size, rw // patch_size
 
 
 @register_widget("05_patch_embed", {"height": 1092, "width": 1568, "frames": 1, "hidden": 1280},
                  [{"height": 224, "width": 224, "frames": 5, "hidden": 64}, {"frames": 8, "hidden": 64}])
 def patch_embed_view(height: int = 1092, width: int = 1568, frames: int = 1, hidden: int = 1280,
-                     min_pixels: int = 256 * 28 * 28, max_pixels: int = 1280 * 28 * 28) -> View:
+                     min_pixels: int = 256 * TOKEN_PIXELS, max_pixels: int = 1280 * TOKEN_PIXELS) -> View:
     """Image size, frame count and width → patch rows, embed output, parameters, FLOPs, and which
     frame feeds each temporal slot."""
     rh, rw, gh, gw = _resized_grid(height, width, min_pixels=min_pixels, max_pixels=max_pixels)
@@ -587,7 +584,7 @@ def matplotlib_rectangle(xy, w, h, colour, hatch):
 @register_widget("06_window_attention", {"height": 1092, "width": 1568, "window_size": 112},
                  [{"height": 512, "width": 600, "window_size": 56}, {"height": 2000, "width": 300, "window_size": 224}])
 def window_view(height: int = 1092, width: int = 1568, window_size: int = 112,
-                min_pixels: int = 256 * 28 * 28, max_pixels: int = 1280 * 28 * 28) -> View:
+                min_pixels: int = 256 * TOKEN_PIXELS, max_pixels: int = 1280 * TOKEN_PIXELS) -> View:
     """Image size and window size → the window map of the resized image and the window counts."""
     rh, rw, gh, gw = _resized_grid(height, width, min_pixels=min_pixels, max_pixels=max_pixels)
     ids = window_map([[1, gh, gw]], 2, window_size, 14)[0]

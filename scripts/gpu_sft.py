@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from helpers.chat import IGNORE_INDEX  # noqa: E402
+from helpers.constants import TOKEN_PIXELS  # noqa: E402
 from helpers.data import Sample, make_split  # noqa: E402
 from helpers.evaluation import blind_baselines, score_table, unwrap  # noqa: E402
 from helpers.lora import apply_lora  # noqa: E402
@@ -168,7 +169,7 @@ def benchmark_loops(model_fn, processor, samples: list[Sample], steps: int = 30,
 
 
 def _batch_for_3b(batch_size: int, image_size: int, seed: int = 0) -> dict:
-    processor = load_processor(min_pixels=28 * 28, max_pixels=image_size * image_size)
+    processor = load_processor(min_pixels=TOKEN_PIXELS, max_pixels=image_size * image_size)
     return SFTCollator(processor)(make_split("train", batch_size, seed, image_size=image_size))
 
 

@@ -1,12 +1,12 @@
 """helpers.chat (notebook 01): messages, prompts, vision pads, the loss mask, grounding answers."""
 
-import json
 
 import numpy as np
 import pytest
 import torch
 
 from helpers import chat
+from helpers.boxes import parse_grounding
 from helpers.chat import (IGNORE_INDEX, assistant_loss_mask, course_processor, example_conversation,
                           expand_vision_pads, format_data, labels_from_mask, render_conversation)
 from helpers.qwen import SPECIAL_TOKENS
@@ -115,22 +115,8 @@ def test_template_itself_rejects_unknown_roles(processor):
         processor.apply_chat_template([{"role": "robot", "content": "hi"}], tokenize=False)
 
 
-def test_grounding_answer_round_trip_and_errors():
-    text = chat.grounding_answer([([10, 20, 30, 40], "face"), ([0, 0, 5, 5], "cap")])
-    assert text.startswith("```json\n[\n\t{\"bbox_2d\": [10, 20, 30, 40]")
-    assert chat.parse_grounding(text) == [{"bbox_2d": [10, 20, 30, 40], "label": "face"},
-                                          {"bbox_2d": [0, 0, 5, 5], "label": "cap"}]
-    assert chat.parse_grounding(json.dumps({"bbox_2d": [1, 2, 3, 4]})) == [{"bbox_2d": [1, 2, 3, 4]}]
-    with pytest.raises(ValueError, match="four integers"):
-        chat.grounding_answer([([1.5, 2, 3, 4], "x")])
-    with pytest.raises(ValueError, match="at least one"):
-        chat.grounding_answer([])
-    with pytest.raises(ValueError, match="not a grounding answer"):
-        chat.parse_grounding("the face is at the top")
-
-
 def test_example_answer_is_in_resized_pixels(processor):
-    box = chat.parse_grounding(chat.example_answer())[0]["bbox_2d"]
+    box = parse_grounding(chat.example_answer())[0]["bbox_2d"]
     h, w = (v * 14 for v in processor.image_processor(images=[course_photo()])["image_grid_thw"][0][1:].tolist())
     assert box[2] <= w and box[3] <= h
 

@@ -1,15 +1,12 @@
-"""Tests of helpers.rewards: the parser, IoU (against torchvision), scores and hostile completions."""
+"""Tests of helpers.rewards: the parser, scores and hostile completions (IoU: tests/test_boxes.py)."""
 
 import json
-import math
 
 import pytest
 import torch
-from torchvision.ops import box_iou
 
-from helpers import rewards
 from helpers.rewards import (
-    accuracy_reward, format_reward, iou, iou_reward, parse_answer, rescale_box, score, task_reward,
+    accuracy_reward, format_reward, iou_reward, parse_answer, score, task_reward,
     think_format_reward,
 )
 
@@ -152,53 +149,3 @@ def test_conversational_completions_are_read():
 def test_think_format_reward():
     assert think_format_reward(completions=["<think>two plus one</think><answer>3</answer>", "3"],
                                task=["count"] * 2) == [1.0, 0.0]
-
-
-# ------------------------------------------------------------------ IoU against torchvision
-
-
-def test_iou_matches_torchvision_on_a_sweep():
-    generator = torch.Generator().manual_seed(0)
-    corners = torch.rand(500, 2, 2, generator=generator) * 300  # (N, 2 points, xy)
-    boxes = torch.cat([corners.min(1).values, corners.max(1).values], dim=1)  # (N, 4) valid boxes
-    boxes[::7] = boxes[1::7][: len(boxes[::7])]  # some identical pairs below
-    a, b = boxes[:250], boxes[250:]
-    ours = torch.tensor([iou(x.tolist(), y.tolist()) for x, y in zip(a, b)], dtype=torch.float64)
-    theirs = box_iou(a.double(), b.double()).diagonal()
-    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
-    nested = torch.tensor([iou([0, 0, 100, 100], [0, 0, s, s]) for s in range(1, 101)], dtype=torch.float64)
-    torch.testing.assert_close(nested, torch.arange(1, 101, dtype=torch.float64) ** 2 / 100**2)
-
-
-def test_iou_edge_cases():
-    assert iou(BOX, BOX) == 1.0
-    assert iou([0, 0, 10, 10], [20, 20, 30, 30]) == 0.0  # disjoint
-    assert iou([0, 0, 10, 10], [10, 0, 20, 10]) == 0.0  # touching edges
-    assert iou([30, 0, 10, 10], [0, 0, 40, 10]) == 0.0  # x2 < x1: an empty box
-    assert iou([5, 5, 5, 5], [5, 5, 5, 5]) == 0.0  # two empty boxes: 0, not 0/0
-    for bad in ([1, 2, 3], [1, 2, 3, 4, 5], [1, 2, "x", 4], None, [1, 2, float("inf"), 4], 7):
-        with pytest.raises(ValueError, match="box_a=.*expected 4"):
-            iou(bad, BOX)
-    with pytest.raises(ValueError, match="box_b="):
-        iou(BOX, [1, 2, float("nan"), 4])
-
-
-def test_rescale_box_and_the_mixed_coordinates_trap():
-    # The true box in resized pixels of a 448×336 image; the model answers in Qwen2-VL's 0–1000 grid.
-    truth = [112.0, 84.0, 224.0, 168.0]
-    in_1000 = rescale_box(truth, (448, 336), (1000, 1000))
-    assert in_1000 == pytest.approx([250.0, 250.0, 500.0, 500.0])
-    answer = json.dumps([{"bbox_2d": in_1000}])
-    assert score("grounding", answer, truth) == 0.0  # the trap: IoU 0 although the box is right
-    fixed = json.dumps([{"bbox_2d": rescale_box(in_1000, (1000, 1000), (448, 336))}])
-    assert score("grounding", fixed, truth) == pytest.approx(1.0)
-    for bad in ((0, 10), (10,), (-1, 5)):
-        with pytest.raises(ValueError, match="from_size="):
-            rescale_box(truth, bad, (10, 10))
-    with pytest.raises(ValueError, match="box="):
-        rescale_box([1, 2, 3], (10, 10), (10, 10))
-
-
-def test_module_constants():
-    assert rewards.TASKS == ("count", "attribute", "grounding")
-    assert math.isclose(rewards.IOU_HIT, 0.5)

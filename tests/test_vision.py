@@ -1,4 +1,5 @@
-"""helpers.vision (notebook 02): smart_resize against both libraries, the double resize, boxes."""
+"""helpers.vision (notebook 02): smart_resize against both libraries, the double resize, the box widget
+(the box mapping itself: tests/test_boxes.py)."""
 
 import math
 
@@ -11,7 +12,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize 
 
 from helpers import vision
 from helpers.qwen import load_processor
-from helpers.vision import (box_to_original, box_to_resized, compare_with_libraries, double_resize, map_box,
+from helpers.vision import (compare_with_libraries, double_resize,
                             random_resize_cases, resize_plan, smart_resize)
 from helpers.widgets import REGISTRY, render
 
@@ -126,51 +127,6 @@ def test_double_resize_matches_fetch_image_then_processor():
         grid = processor.image_processor(images=[fetched], return_tensors="pt")["image_grid_thw"][0].tolist()
         assert (grid[1] * 14, grid[2] * 14) == expected["processed"]
     assert double_resize(1092, 1568, (3136, 12845056), (256 * 784, 1280 * 784))["resized_twice"]
-
-
-def test_box_round_trip_sweep():
-    rng = np.random.default_rng(0)
-    for _ in range(2_000):
-        h, w = (int(v) for v in rng.integers(20, 5000, size=2))
-        if max(h, w) / min(h, w) > 200:
-            continue
-        resized = smart_resize(h, w, 28, 4 * 784, int(rng.integers(4, 16384)) * 784)
-        xs, ys = np.sort(rng.uniform(0, w, 2)), np.sort(rng.uniform(0, h, 2))
-        box = (xs[0], ys[0], xs[1], ys[1])
-        back = map_box(map_box(box, (h, w), resized), resized, (h, w))
-        np.testing.assert_allclose(back, box, rtol=0, atol=1e-9 * max(h, w))
-        # Integer targets lose at most half a resized pixel, i.e. half a scale step in the original.
-        approx = box_to_original(box_to_resized(box, (h, w), resized), resized, (h, w))
-        tolerance = 0.5 * max(w / resized[1], h / resized[0]) + 1e-9
-        assert np.max(np.abs(np.array(approx) - box)) <= tolerance
-
-
-def test_box_known_values():
-    assert box_to_resized((0, 0, 600, 512), (512, 600), (504, 588)) == [0, 0, 588, 504]
-    assert box_to_resized((100, 50, 300, 250), (1000, 1000), (500, 2000)) == [200, 25, 600, 125]
-    assert vision.box_to_thousandths((150, 128, 300, 256), (512, 600)) == [250, 250, 500, 500]
-    assert vision.box_iou((0, 0, 2, 2), (1, 1, 3, 3)) == pytest.approx(1 / 7)
-
-
-@pytest.mark.parametrize("box, size, message", [
-    ((10, 10, 5, 20), (100, 100), "0 ≤ x1 ≤ x2 ≤ 100"),
-    ((-1, 0, 5, 5), (100, 100), "0 ≤ x1"),
-    ((0, 0, 5, 101), (100, 100), "y2 ≤ 100"),
-])
-def test_bad_boxes_raise(box, size, message):
-    with pytest.raises(ValueError, match=message):
-        map_box(box, size, (56, 56))
-
-
-def test_bad_box_types_and_sizes():
-    with pytest.raises(TypeError, match="expected \\(x1, y1, x2, y2\\)"):
-        map_box((1, 2, 3), (10, 10), (28, 28))
-    with pytest.raises(TypeError, match="four finite numbers"):
-        map_box((0, 0, float("nan"), 1), (10, 10), (28, 28))
-    with pytest.raises(ValueError, match="to_size\\[0\\] \\(height\\)=0"):
-        map_box((0, 0, 1, 1), (10, 10), (0, 28))
-    with pytest.raises(TypeError, match="expected \\(height, width\\)"):
-        map_box((0, 0, 1, 1), 10, (28, 28))
 
 
 def test_open_image_rejects_unreadable_files(tmp_path):
