@@ -24,6 +24,7 @@ Each module names the notebook that teaches it:
 - ``helpers.plots``, ``helpers.widgets``   figure style; widget plumbing and registry.
 - ``helpers.profiles``      the cpu / gpu profiles (``QWENVL_PROFILE``).
 - ``helpers.netguard``      the offline guard the tests switch on.
+- ``helpers.cache``         00: the cache folder, hashed manifests, atomic locked writes.
 """
 
 import os as _os

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from helpers import cache
 from helpers.evaluation import unwrap
-from helpers.qwen import cache_dir, load_model, load_processor
+from helpers.qwen import cache_dir, load_model, load_processor, parameter_count
 
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -54,6 +55,24 @@ def save_checkpoint(directory, model, processor, state: dict | None = None, opti
     if hasattr(model, "merge_and_unload") and getattr(model, "peft_config", None):
         raise ValueError("save a LoRA model with helpers.lora.merge_lora(model) first, so the checkpoint loads as a plain model")
     directory.parent.mkdir(parents=True, exist_ok=True)
+    for debris in directory.parent.glob(f".{directory.name}.tmp-*"):  # staging folders of killed saves
+        if not _alive(debris.name.rsplit(".tmp-", 1)[1].split("-")[0]):
+            shutil.rmtree(debris, ignore_errors=True)
+    return _save(directory, model, processor, state, optimizer)
+
+
+def _alive(pid: str) -> bool:
+    """Whether process ``pid`` (as written in a staging folder's name) still runs."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _save(directory: Path, model, processor, state, optimizer) -> Path:
     staging = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         base = unwrap(model)
@@ -65,35 +84,46 @@ def save_checkpoint(directory, model, processor, state: dict | None = None, opti
             save_file(tensors, staging / OPTIMIZER_FILE)
             state["optimizer_groups"] = groups
         (staging / STATE_FILE).write_text(json.dumps({**state, "architecture": architecture(base.config)}, indent=1))
-        old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-        if directory.exists():
-            directory.rename(old)
-        staging.rename(directory)
-        shutil.rmtree(old, ignore_errors=True)
+        cache.replace_folder(staging, directory)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
 
 
 def is_complete(directory) -> bool:
-    """True when ``directory`` holds a finished model save: ``config.json`` and readable safetensors
-    weights (one file, or every shard its index names). A folder that ``save_pretrained`` was still
-    writing (config first, weights last) or whose weights were truncated is not complete."""
+    """True when ``directory`` holds a finished model save (``weights_problem`` finds nothing)."""
+    return weights_problem(directory) is None
+
+
+def weights_problem(directory) -> str | None:
+    """None when ``directory`` holds a finished model save: a readable ``config.json`` and readable
+    safetensors weights (one file, or every shard its index names) holding as many numbers as the
+    model that config describes (built on the meta device). Else what is wrong. A folder that
+    ``save_pretrained`` was still writing (config first, weights last), truncated weights, or weights
+    of another config are not complete."""
+    import math
+
     from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     directory = Path(directory)
     if not (directory / "config.json").is_file():
-        return False
+        return f"{directory.name!r} has no config.json"
     index = directory / "model.safetensors.index.json"
     try:
         files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS_FILE]
+        numbers = 0
         for name in files:
             with safe_open(directory / name, "pt") as weights:
-                if not list(weights.keys()):
-                    return False
-    except Exception:  # noqa: BLE001  (missing, truncated or foreign file: not a checkpoint)
-        return False
-    return True
+                numbers += sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        with torch.device("meta"):
+            expected = parameter_count(AutoModelForImageTextToText.from_config(config))
+    except Exception as error:  # noqa: BLE001  (missing, truncated or foreign file: not a checkpoint)
+        return f"{directory.name!r} has unreadable weights or config ({type(error).__name__})"
+    if numbers != expected:
+        return f"{directory.name!r} holds {numbers} weights, its config.json describes {expected}"
+    return None
 
 
 def load_checkpoint(directory, expect_config=None, device="cpu", dtype=torch.float32):
@@ -103,6 +133,9 @@ def load_checkpoint(directory, expect_config=None, device="cpu", dtype=torch.flo
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist; train one with "
                                 f"helpers.sft.train(..., checkpoint_dir=...) or python -m helpers.sft --out DIR")
+    problem = weights_problem(directory)
+    if problem is not None:
+        raise FileNotFoundError(f"checkpoint directory {str(directory)!r} is not a complete save: {problem}")
     state = json.loads((directory / STATE_FILE).read_text()) if (directory / STATE_FILE).is_file() else {}
     if expect_config is not None:
         want = architecture(expect_config)
@@ -127,14 +160,26 @@ def restore_optimizer(optimizer, directory) -> None:
     path = Path(directory) / OPTIMIZER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{str(directory)!r} has no {OPTIMIZER_FILE}: it cannot be resumed (save with optimizer=...)")
-    tensors = load_file(path)
+    tensors = _checked_moments(path, optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for key, value in tensors.items():
         i, name = key.split(".", 1)
-        if int(i) >= len(params):
-            raise ValueError(f"{str(path)!r} holds moments for parameter {i}, but this optimizer has {len(params)}: "
-                             "the set of trainable parameters changed since the save")
         optimizer.state[params[int(i)]][name] = value.to(params[int(i)].device) if name != "step" else value
+
+
+def _checked_moments(path: Path, optimizer) -> dict:
+    """The saved moments, after checking each belongs to a parameter of ``optimizer`` of its shape."""
+    try:
+        tensors = load_file(path)
+    except Exception as error:  # noqa: BLE001  (truncated or foreign file)
+        raise ValueError(f"{str(path)!r} is not readable optimizer state ({type(error).__name__})") from None
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for key, value in tensors.items():
+        i, name = key.split(".", 1)
+        if int(i) >= len(params) or (name != "step" and value.shape != params[int(i)].shape):
+            raise ValueError(f"{str(path)!r} holds moments for parameter {i} of shape {tuple(value.shape)}, but this "
+                             f"optimizer has {len(params)} parameters: the set of trainable parameters changed since the save")
+    return tensors
 
 
 def run_signature(model, steps, batch_size, grad_accum, lr, warmup) -> dict:
@@ -151,14 +196,18 @@ def resume(model, optimizer, directory, signature: dict) -> tuple[int, dict]:
         raise FileNotFoundError(f"{str(directory)!r} is not a complete resumable checkpoint (needs config.json, "
                                 f"{WEIGHTS_FILE}, {STATE_FILE} and {OPTIMIZER_FILE})")
     loaded, _, state = load_checkpoint(directory, expect_config=unwrap(model).config)
-    saved = state.get("signature", {})
-    diff = {k: (saved.get(k), v) for k, v in signature.items() if k in saved and saved[k] != v}
+    saved = state.get("signature")
+    if not isinstance(saved, dict) or not isinstance(state.get("step"), int):
+        raise ValueError(f"cannot resume {str(directory)!r}: its {STATE_FILE} has no run signature or step "
+                         "(saved by another tool than helpers.sft.train)")
+    diff = {k: (saved.get(k), v) for k, v in signature.items() if saved.get(k) != v}
     if diff:
         raise ValueError(f"cannot resume {str(directory)!r}: " + ", ".join(
             f"{k} = {a} there, {b} here" for k, (a, b) in diff.items()))
     if state["step"] >= signature["steps"]:
         raise ValueError(f"cannot resume {str(directory)!r}: it is at step {state['step']}, and steps={signature['steps']} "
                          "leaves nothing to train; pass steps above it")
+    _checked_moments(directory / OPTIMIZER_FILE, optimizer)  # everything checked: now change the caller's model
     unwrap(model).load_state_dict(loaded.state_dict())
     restore_optimizer(optimizer, directory)
     return state["step"], state["history"]

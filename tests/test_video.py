@@ -238,7 +238,8 @@ def test_read_video_rejects_bad_sampling_before_decoding(clip):
     ({"fps": 2.5}, r"fps=2.5: expected a positive integer"),
     ({"width": 321}, r"width=321: expected an even number ≥ 16"),
     ({"height": -240}, r"height=-240: expected a positive integer"),
-    ({"seconds": 0.01, "fps": 30}, r"gives 0 frames; need ≥ 2"),
+    ({"seconds": 0.01, "fps": 30}, r"gives 0 frames of 320×240; the synthetic clip has 2 to 3600 frames"),
+    ({"seconds": 1e6}, r"seconds=1000000.0 at fps=30 gives 30000000 frames"),
 ])
 def test_synthetic_video_rejects_bad_parameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
