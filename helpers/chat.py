@@ -16,7 +16,9 @@ import torch
 
 from helpers.boxes import box_to_resized, fenced_grounding_answer
 from helpers.constants import FACTOR
-from helpers.qwen import SPECIAL_TOKENS
+from helpers.plots import COLOURS, new_figure
+from helpers.qwen import SPECIAL_TOKENS, load_processor
+from helpers.vision import FACE_BOX, course_photo, smart_resize
 from helpers.widgets import View, register_widget
 
 IM_START = SPECIAL_TOKENS["<|im_start|>"]
@@ -192,8 +194,6 @@ def token_chips_html(input_ids: Sequence[int], tokenizer, mask: Sequence[int] | 
     vision or pad tokens are drawn as one chip "×n"."""
     import html as html_lib
 
-    from helpers.plots import COLOURS
-
     ids = [int(i) for i in input_ids]
     mask = [0] * len(ids) if mask is None else [int(m) for m in mask]
     pieces = token_pieces(ids, tokenizer)
@@ -224,8 +224,6 @@ def loss_mask_figure(input_ids, mask, pad_id: int | None = None, title: str = ""
     axes, so it renders fast enough for a widget (``legend=False`` there: the chips carry one)."""
     from matplotlib.colors import to_rgb
     from matplotlib.patches import Patch
-
-    from helpers.plots import COLOURS, new_figure
 
     ids = torch.as_tensor(input_ids).reshape(-1, torch.as_tensor(input_ids).shape[-1])  # (rows, tokens)
     masks = torch.as_tensor(mask).reshape(ids.shape)
@@ -263,8 +261,6 @@ SECOND_ANSWER = "A white-topped naval officer's cap."
 @functools.lru_cache(maxsize=1)
 def course_processor():
     """The offline course processor with the checkpoint's default limits (cached)."""
-    from helpers.qwen import load_processor
-
     return load_processor()
 
 
@@ -281,8 +277,6 @@ def course_clip():
 
 def example_answer() -> str:
     """The grounding answer for the course photo: its face box in pixels of the resized image."""
-    from helpers.vision import FACE_BOX, course_photo, smart_resize
-
     original = course_photo().size[::-1]  # (H, W)
     processor = course_processor().image_processor
     resized = smart_resize(*original, FACTOR, processor.size["shortest_edge"], processor.size["longest_edge"])
@@ -294,8 +288,6 @@ def example_conversation(user_text: str = EXAMPLE_QUESTION, system: bool = False
     """The conversation notebook 01 plays with: optional custom system turn, a user turn with the
     course photo and/or clip and ``user_text``, the assistant's grounding answer, optionally a
     second question and answer."""
-    from helpers.vision import course_photo
-
     user = ([{"type": "image", "image": course_photo()}] if image else []) + \
            ([{"type": "video", "video": course_clip()}] if video else []) + [{"type": "text", "text": user_text}]
     messages = [{"role": "system", "content": [{"type": "text", "text": EXAMPLE_SYSTEM}]}] if system else []
@@ -331,16 +323,12 @@ def _grid_tokens(kind: str, value) -> int:
 
 @functools.lru_cache(maxsize=2)
 def _course_media_tokens(kind: str) -> int:
-    from helpers.vision import course_photo
-
     return _grid_tokens(kind, course_photo() if kind == "image" else course_clip())
 
 
 def visual_token_count(kind: str, value) -> int:
     """Visual tokens of one image or video under the course processor: ``grid_thw.prod() // 4``
     (cached for the course photo and clip, which the widget uses on every update)."""
-    from helpers.vision import course_photo
-
     if (kind == "image" and value is course_photo()) or (kind == "video" and value is course_clip()):
         return _course_media_tokens(kind)
     return _grid_tokens(kind, value)

@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from helpers.constants import MAX_PIXELS, TOKEN_PIXELS
+from helpers.layers import apply_rotary, rms_norm
 from helpers.plots import COLOURS, new_figure
+from helpers.qwen import parameter_count, qwen25vl_3b_config
 from helpers.rope import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID, mrope_cos_sin, rope_index
 from helpers.vision import visual_tokens
 from helpers.widgets import View, register_widget
@@ -61,19 +63,6 @@ def scatter_visual(embeds: torch.Tensor, input_ids: torch.Tensor, features: torc
     return out
 
 
-def rms_norm(x: torch.Tensor, norm) -> torch.Tensor:
-    """``x / sqrt(mean(x²) + eps) × weight`` in fp32 (mirrors ``Qwen2_5_VLRMSNorm``)."""
-    x32 = x.float()
-    return norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).to(x.dtype)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on (batch, heads, length, head_dim): pair (i, i + head_dim/2) turned by its angle."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
-
-
 def attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past: tuple | None = None):
     """Grouped-query causal self-attention of one layer; returns (output, (keys, values)) with the
     keys/values of ``past`` (the cache of earlier tokens) in front. Mirrors ``Qwen2_5_VLAttention``
@@ -83,7 +72,7 @@ def attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past:
     q = attn.q_proj(x).view(batch, length, -1, d).transpose(1, 2)   # (B, heads, L, d)
     k = attn.k_proj(x).view(batch, length, -1, d).transpose(1, 2)   # (B, kv_heads, L, d)
     v = attn.v_proj(x).view(batch, length, -1, d).transpose(1, 2)
-    q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)      # RoPE: (B, L, d) angles per head
     if past is not None:
         k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, kv_heads, past + L, d)
     group = q.shape[1] // k.shape[1]                                 # query heads per kv head
@@ -100,10 +89,10 @@ def attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past:
 def decoder_layer(layer, x: torch.Tensor, cos, sin, past=None):
     """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(·)) with SwiGLU (mirrors
     ``Qwen2_5_VLDecoderLayer``). Returns (x, (keys, values))."""
-    h, kv = attention(layer.self_attn, rms_norm(x, layer.input_layernorm), cos, sin, past)
+    norm1, norm2, mlp = layer.input_layernorm, layer.post_attention_layernorm, layer.mlp
+    h, kv = attention(layer.self_attn, rms_norm(x, norm1.weight, norm1.variance_epsilon), cos, sin, past)
     x = x + h
-    mlp = layer.mlp
-    y = rms_norm(x, layer.post_attention_layernorm)
+    y = rms_norm(x, norm2.weight, norm2.variance_epsilon)
     return x + mlp.down_proj(F.silu(mlp.gate_proj(y)) * mlp.up_proj(y)), kv
 
 
@@ -119,7 +108,8 @@ def decoder(model, embeds: torch.Tensor, position_ids: torch.Tensor, cache: list
     for index, layer in enumerate(model.model.language_model.layers):
         x, kv = decoder_layer(layer, x, cos.to(x.dtype), sin.to(x.dtype), cache[index] if cache else None)
         new_cache.append(kv)
-    return rms_norm(x, model.model.language_model.norm), new_cache
+    norm = model.model.language_model.norm
+    return rms_norm(x, norm.weight, norm.variance_epsilon), new_cache
 
 
 def logits_from_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -365,8 +355,6 @@ def _three_b():
     global _BUDGET_CONFIG
     if _BUDGET_CONFIG is None:
         from transformers import Qwen2_5_VLForConditionalGeneration
-
-        from helpers.qwen import parameter_count, qwen25vl_3b_config
 
         config = qwen25vl_3b_config()
         with torch.device("meta"):

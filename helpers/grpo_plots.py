@@ -8,7 +8,9 @@ import json
 import torch
 
 from helpers import rewards as R
+from helpers.data import make_split
 from helpers.grpo import Rollout, compute_rewards, group_advantages
+from helpers.plots import COLOURS, new_figure
 from helpers.widgets import View, register_widget
 
 # ---------------------------------------------------------------------------------------------
@@ -19,8 +21,6 @@ from helpers.widgets import View, register_widget
 def plot_groups(rewards: torch.Tensor, advantages: torch.Tensor, num_generations: int, width: float = 8.0):
     """Left: each prompt's G rewards (dots) and their mean (bar); right: the advantages, coloured by
     group. Equal rewards in a group show as one dot and advantages of 0."""
-    from helpers.plots import COLOURS, new_figure
-
     fig, (left, right) = new_figure(2, 1, width, 2.8)
     grouped = rewards.view(-1, num_generations)
     for p, row in enumerate(grouped):
@@ -38,8 +38,6 @@ def plot_groups(rewards: torch.Tensor, advantages: torch.Tensor, num_generations
 
 def plot_history(histories: dict[str, list[dict]], width: float = 10.0):
     """Per-step curves of one or more runs (name → history): reward, accuracy and IoU, KL, length."""
-    from helpers.plots import new_figure
-
     fig, axes = new_figure(4, 1, width, 2.5)
     panels = (("reward", "mean reward"), (("accuracy", "iou"), "accuracy (count, attribute) / IoU"),
               ("kl", "KL to reference (k3)"), ("completion_length", "completion length (tokens)"))
@@ -59,8 +57,6 @@ def plot_history(histories: dict[str, list[dict]], width: float = 10.0):
 def plot_comparison(table: dict, width: float = 7.0):
     """Grouped bars: score per split for each model (``table[model][split] = mean`` or a list of
     seeds, then the bar is the mean and the dots are the seeds)."""
-    from helpers.plots import COLOURS, new_figure
-
     fig, ax = new_figure(1, 1, width, 2.8)
     models = list(table)
     splits = list(next(iter(table.values())))
@@ -101,8 +97,6 @@ def record_rollout(step: int, log: dict, rollout: Rollout, advantages: torch.Ten
 def _demo_rollouts() -> list[dict]:
     """Stand-in rollouts (no model) so the widget renders before any training: the true answer,
     near misses and malformed text, scored by the real rewards."""
-    from helpers.data import make_split
-
     store = []
     samples = make_split("train", 3, seed=0, image_size=84)
     texts, tasks, targets = [], [], []
@@ -131,8 +125,6 @@ def rollout_view(step: int = 0, prompt: int = 0, store: list | None = None) -> V
     """One prompt's rollouts at one step: the image (true box in green, sampled boxes in orange),
     the question, and the G completions with their rewards and advantages."""
     from html import escape
-
-    from helpers.plots import COLOURS, new_figure
 
     store = store if store is not None else (ROLLOUTS or _DEMO or _DEMO.extend(_demo_rollouts()) or _DEMO)
     entry = store[min(max(step, 0), len(store) - 1)]

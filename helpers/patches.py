@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from helpers.constants import MAX_PIXELS, MIN_PIXELS
 from helpers.plots import COLOURS, new_figure
 from helpers.widgets import View, register_widget
 
@@ -193,9 +194,7 @@ def _photo() -> dict:
         from PIL import Image
         from transformers import Qwen2VLImageProcessor
 
-        from helpers.qwen import CHECKPOINT_MAX_PIXELS, CHECKPOINT_MIN_PIXELS
-
-        processor = Qwen2VLImageProcessor(min_pixels=CHECKPOINT_MIN_PIXELS, max_pixels=CHECKPOINT_MAX_PIXELS)
+        processor = Qwen2VLImageProcessor(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
         with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")) as image:
             frames = processor_frames(image, processor)
         rows, grid = patchify(frames)

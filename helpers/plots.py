@@ -11,8 +11,6 @@ import io
 import matplotlib
 import matplotlib.patches
 
-import matplotlib.pyplot as plt
-
 #: Colours used across the course, by meaning (colour-blind safe, Okabe–Ito).
 COLOURS = {
     "text": "#0072B2",
@@ -72,11 +70,6 @@ def figure_to_png(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
-
-
-def close(figure) -> None:
-    """Release a pyplot figure (``new_figure`` figures need nothing)."""
-    plt.close(figure)
 
 
 def stage_diagram(stages: list[tuple[str, list[str]]], width: float = 11.0, height: float = 2.6):

@@ -177,8 +177,6 @@ CHECKPOINT_PREPROCESSOR_CONFIG = {
 #: The class name early snapshots of the checkpoint's preprocessor_config.json gave; transformers 5.24
 #: has no such class and fails to load such a folder ("Unrecognized image processor").
 EARLY_IMAGE_PROCESSOR_TYPE = "Qwen2_5_VLImageProcessor"
-CHECKPOINT_MIN_PIXELS = CHECKPOINT_PREPROCESSOR_CONFIG["min_pixels"]
-CHECKPOINT_MAX_PIXELS = CHECKPOINT_PREPROCESSOR_CONFIG["max_pixels"]
 
 
 def checkpoint_tokenizer_config() -> dict:

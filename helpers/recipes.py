@@ -25,8 +25,9 @@ from helpers import checkpoints
 from helpers.constants import TOKEN_PIXELS
 from helpers.data import ShapesStream, make_split
 from helpers.evaluation import evaluate, summary, unwrap
+from helpers.lora import apply_lora, freeze_vision, merge_lora
 from helpers.profiles import settings
-from helpers.qwen import course_config, load_model, load_processor, parameter_count
+from helpers.qwen import course_config, init_logit_scale, load_model, load_processor, parameter_count
 from helpers.sft import _dist, train
 
 
@@ -64,8 +65,6 @@ def model_for_profile(profile: str | None = None, device="cpu", model: str | os.
     """(model, processor) as ``recipe(profile, model)`` says: a checkpoint (LoRA-wrapped or with its
     vision tower frozen) or the course model from ``course_config(**recipe['model'])``, with images
     limited to the data's size."""
-    from helpers.lora import apply_lora, freeze_vision
-
     r = recipe(profile, model, overrides)
     side = r["data"]["image_size"]
     if r["kind"] == "checkpoint":
@@ -87,8 +86,6 @@ def init_course_model(model, embedding_std: float, logit_scale: float, seed: int
     embedding table redrawn at ``embedding_std`` (unless it is transformers' ``initializer_range``,
     which ``load_model`` already used) and the final norm at ``logit_scale``
     (``helpers.qwen.init_logit_scale``). ``scripts/sft_ablation.py`` varies both."""
-    from helpers.qwen import init_logit_scale
-
     if isinstance(embedding_std, bool) or not (isinstance(embedding_std, (int, float)) and 0 < embedding_std < float("inf")):
         raise ValueError(f"embedding_std={embedding_std!r}: expected a finite number > 0")
     table = model.get_input_embeddings().weight
@@ -126,8 +123,6 @@ def run_profile(profile: str | None = None, out=None, steps: int | None = None, 
                    progress=progress, log=log, max_seconds=r.get("max_seconds"))
     seconds = time.perf_counter() - t0
     if lora:
-        from helpers.lora import merge_lora
-
         result.model = merge_lora(result.model)
         if out is not None and rank == 0:
             checkpoints.save_checkpoint(out, result.model, processor, {"step": result.state["step"], "history": result.history})

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from helpers import rewards as R
+from helpers.data import sample_messages
 from helpers.qwen import SPECIAL_TOKENS
 
 IM_END = SPECIAL_TOKENS["<|im_end|>"]
@@ -68,8 +69,6 @@ def encode_prompts(processor, samples: Sequence, device="cpu") -> dict:
 
     Mirrors what TRL's ``_tokenize_prompts`` + left padding build for a conversational VLM dataset.
     """
-    from helpers.data import sample_messages
-
     if not samples:
         raise ValueError("samples is empty: expected at least one helpers.data.Sample")
     texts = [processor.apply_chat_template(sample_messages(s, with_answer=False), add_generation_prompt=True,

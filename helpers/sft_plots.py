@@ -11,9 +11,10 @@ import torch
 from helpers.chat import IGNORE_INDEX
 from helpers.constants import TOKEN_PIXELS
 from helpers.data import make_split
+from helpers.plots import COLOURS, new_figure
 from helpers.profiles import settings
 from helpers.qwen import SPECIAL_TOKENS, load_processor
-from helpers.rewards import score
+from helpers.rewards import parse_answer, score
 from helpers.sft import IMAGE_PAD, check_batch, encode_samples, pad_batch
 from helpers.widgets import View, register_widget
 
@@ -37,8 +38,6 @@ def plot_batch(batch: dict, processor=None, width: float = 9.0):
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
-    from helpers.plots import COLOURS, new_figure
-
     colours = [COLOURS["text"], COLOURS["special"], COLOURS["image"], COLOURS["loss"], "#dddddd"]
     kinds = token_kinds(batch)
     figure, ax = new_figure(width=width, height=0.9 + 0.28 * len(kinds))
@@ -54,8 +53,6 @@ def plot_batch(batch: dict, processor=None, width: float = 9.0):
 
 def plot_training(history: dict, after: dict | None = None, title: str = "SFT", smooth: int = 10):
     """Loss per step (and its running mean) and the learning rate; final scores in the title."""
-    from helpers.plots import COLOURS, new_figure
-
     figure, (ax, ax_lr) = new_figure(2, 1, width=9, height=3.2)
     steps, loss = history["step"], torch.tensor(history["loss"])
     ax.plot(steps, loss, color=COLOURS["loss"], alpha=0.35, lw=0.8, label="loss per step")
@@ -80,9 +77,6 @@ def plot_predictions(pairs: list, ncols: int = 6, size: float = 1.6):
     """Each (sample, predicted text) as its image with the question, the answer and the prediction;
     grounding boxes drawn (reference green, prediction red dashed)."""
     from matplotlib.patches import Rectangle
-
-    from helpers.plots import COLOURS, new_figure
-    from helpers.rewards import parse_answer
 
     nrows = max(1, math.ceil(len(pairs) / ncols))
     import numpy as np
@@ -124,8 +118,6 @@ def batch_view(row: int = 0, max_length: int = 0) -> View:
     """One sample of a real batch, token by token, coloured by kind (labelled tokens underlined);
     ``max_length`` > 0 truncates it as a trainer would and says what broke."""
     import html as html_lib
-
-    from helpers.plots import COLOURS
 
     cache = _widget_batch()
     item = dict(cache["items"][row])

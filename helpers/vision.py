@@ -26,7 +26,7 @@ import numpy as np
 
 from helpers.boxes import box_to_resized, box_to_thousandths, iou
 from helpers.constants import FACTOR, MAX_PIXELS, MAX_RATIO, MIN_PIXELS, PATCH_SIZE, TOKEN_PIXELS
-from helpers.plots import COLOURS, new_figure
+from helpers.plots import COLOURS, STYLE, new_figure
 from helpers.widgets import View, register_widget
 
 # ---------------------------------------------------------------------------------------------
@@ -273,8 +273,6 @@ def _two_panels():
     most of a widget's 150 ms budget)."""
     import matplotlib
     from matplotlib.figure import Figure
-
-    from helpers.plots import STYLE
 
     with matplotlib.rc_context(STYLE):
         figure = Figure(figsize=(7.2, 3.0))

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.constants import MAX_PIXELS, MERGE_SIZE, MIN_PIXELS, PATCH_SIZE, TOKEN_PIXELS
+from helpers.layers import apply_rotary, rms_norm
 from helpers.plots import COLOURS, new_figure
 from helpers.vision import smart_resize
 from helpers.widgets import View, register_widget
@@ -344,19 +345,6 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float = 100
     angles_w = position_ids[:, 1:2].float() * inv_freq  # (N, head_dim/4)
     angles = torch.cat([angles_h, angles_w, angles_h, angles_w], dim=-1)  # (N, head_dim)
     return angles.cos(), angles.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (N, heads, d) by the angles of (N, d): x·cos + rotate_half(x)·sin."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / rms(x) · weight (mirrors ``Qwen2_5_VLRMSNorm``, computed in fp32)."""
-    x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 def patch_merger(x: torch.Tensor, merger, spatial_merge_size: int = 2) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The README's course map: one real picture per notebook, produced by the course itself.
 
     .venv/bin/python -m pytest tests/browser          # writes screenshots/NN_name-widget.png
-    .venv/bin/python tests/browser/course_map.py      # → assets/course_map/*.png, README.md
+    .venv/bin/python scripts/course_map.py            # → assets/course_map/*.png, README.md
 
 For each ``notebooks/*.ipynb`` the picture is, in order of preference:
 
@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import base64
 import io
-import sys
+import os
 from pathlib import Path
 
 import nbformat
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from labdriver import NOTEBOOK_DIR, REPO, SCREENSHOTS  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+# the browser suite's folders (tests/browser/labdriver.py reads the same variables)
+NOTEBOOK_DIR = Path(os.environ.get("COURSE_NOTEBOOK_DIR", REPO / "notebooks")).resolve()
+SCREENSHOTS = Path(os.environ.get("COURSE_SCREENSHOTS", REPO / "screenshots")).resolve()
 
 ASSETS = REPO / "assets" / "course_map"
 README = REPO / "README.md"
@@ -92,7 +94,7 @@ def write_readme_gallery(rows, columns: int = 3) -> None:
     lines = ["## What each notebook looks like", "",
              "One real picture per notebook, produced by the course itself: its first widget as the browser",
              "suite saw it in JupyterLab, or else its first plot (`pytest tests/browser`, then",
-             "`python tests/browser/course_map.py`, remakes them).", "", "| " * columns + "|", "|---" * columns + "|"]
+             "`python scripts/course_map.py`, remakes them).", "", "| " * columns + "|", "|---" * columns + "|"]
     for start in range(0, len(cells), columns):
         row = cells[start:start + columns]
         lines.append("| " + " | ".join(row + [""] * (columns - len(row))) + " |")
