@@ -168,6 +168,18 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def _check_loss_shapes(logps, old_logps, ref_logps, advantages, mask) -> None:
+    """(N, K) log-probs and mask, one advantage per completion: else a clear error, not a broadcast."""
+    if not isinstance(logps, torch.Tensor) or logps.dim() != 2:
+        raise ValueError(f"logps of shape {tuple(getattr(logps, 'shape', ()))}: expected (completions, tokens)")
+    for name, value in (("old_logps", old_logps), ("ref_logps", ref_logps), ("mask", mask)):
+        if value is not None and tuple(value.shape) != tuple(logps.shape):
+            raise ValueError(f"{name} of shape {tuple(value.shape)}: expected logps' shape {tuple(logps.shape)}")
+    if tuple(advantages.shape) != (logps.size(0),):
+        raise ValueError(f"advantages of shape {tuple(advantages.shape)}: expected one per completion, "
+                         f"({logps.size(0)},)")
+
+
 def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None, advantages: torch.Tensor,
               mask: torch.Tensor, beta: float = 0.0, epsilon_low: float = 0.2, epsilon_high: float | None = None,
               loss_type: str = "grpo", max_completion_length: int | None = None,
@@ -189,6 +201,7 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
     if beta > 0 and ref_logps is None:
         raise ValueError(f"beta={beta} > 0 needs ref_logps (the reference model's log-probabilities)")
     epsilon_high = epsilon_low if epsilon_high is None else epsilon_high
+    _check_loss_shapes(logps, old_logps, ref_logps, advantages, mask)
     mask = mask.to(logps.dtype)
     adv = advantages.to(logps.dtype).unsqueeze(1)  # (N, 1): one advantage for every token
     ratio = torch.exp(logps - old_logps)  # (N, K)

@@ -22,8 +22,9 @@ from a sentence that happens to contain the right number.
 
 Reward functions follow TRL's ``GRPOTrainer`` calling convention
 ``reward(prompts=..., completions=..., **dataset_columns) -> list[float]`` (``task`` and
-``target`` columns), accept plain strings or conversational completions, and never raise: a
-completion they cannot read scores 0.
+``target`` columns), accept plain strings or conversational completions, and never raise because
+of a completion: one they cannot read scores 0. A malformed call (columns of different lengths, an
+unknown task, a string where a column is expected, a bad target) is the caller's bug and raises.
 """
 
 from __future__ import annotations
@@ -162,9 +163,33 @@ def completion_text(completion: Any) -> str:
         return ""
 
 
-def _per_completion(fn, completions, task, target) -> list[float]:
-    """``fn(task[i], text_i, target[i])`` for each completion, 0.0 wherever anything goes wrong."""
-    count = len(completions) if isinstance(completions, (list, tuple)) else 0
+def _check_columns(completions, task, target, needs: tuple[str, ...]) -> int:
+    """The number of completions, after checking the columns a reward receives (TRL passes each
+    dataset column as a list, one entry per completion): a malformed call is the caller's bug and
+    raises; only the completions' text is never a reason to raise."""
+    if not isinstance(completions, (list, tuple)):
+        raise TypeError(f"completions={completions!r:.80}: expected a list, one completion per row")
+    count = len(completions)
+    for name, column in (("task", task), ("target", target)):
+        if column is None and name not in needs:
+            continue
+        if not isinstance(column, (list, tuple)):
+            raise TypeError(f"{name}={column!r:.80}: expected a list with one entry per completion "
+                            f"({count}), e.g. {name}=[...] * {count}")
+        if len(column) != count:
+            raise ValueError(f"{name} has {len(column)} entries for {count} completions: each column needs one "
+                             "entry per completion")
+    for i in range(count if task is not None else 0):
+        _check_task(task[i])
+        if target is not None and "target" in needs:
+            _target_value(task[i], target[i])
+    return count
+
+
+def _per_completion(fn, completions, task, target, needs=("task", "target")) -> list[float]:
+    """``fn(task[i], text_i, target[i])`` for each completion, 0.0 wherever the completion makes it
+    fail; malformed columns raise (``_check_columns``)."""
+    count = _check_columns(completions, task, target, needs)
     rewards = []
     for i in range(count):
         try:
@@ -201,7 +226,7 @@ def task_reward(completions, task, target, **kwargs) -> list[float]:
 def format_reward(completions, task, target=None, **kwargs) -> list[float]:
     """1.0 when the parser accepts the completion as an answer to its task, else 0.0. Range {0, 1}."""
     return _per_completion(lambda t, text, y: float(parse_answer(t, text) is not None),
-                           completions, task, target)
+                           completions, task, target, needs=("task",))
 
 
 _R1_FORMAT = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
@@ -214,4 +239,4 @@ def think_format_reward(completions, task=None, target=None, **kwargs) -> list[f
     (QUESTIONS.md trap #16) — notebook 11 uses it to reproduce the trap.
     """
     return _per_completion(lambda t, text, y: float(_R1_FORMAT.fullmatch(text) is not None),
-                           completions, task, target)
+                           completions, task, target, needs=())
