@@ -1,17 +1,19 @@
 # The course's two commands (see README.md):
 #   make lab    set everything up into .venv/ (if needed) and open the course in JupyterLab
-#   make test   set everything up (if needed) and run every test: unit tests + all notebooks (nbval)
-# Set-up is redone only when requirements.txt or pyproject.toml change.
+#   make test   set everything up (if needed), lint, and run every test: unit tests, every notebook once
+#               (nbval), every widget in JupyterLab in Chromium (the browser suite)
+# Set-up is redone only when requirements.txt, requirements-dev.txt or pyproject.toml change.
 
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 KERNEL := qwenvl-course
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 PYTEST_ARGS ?=
 
-.PHONY: setup lab test unit notebooks execute
+.PHONY: setup lab test lint format execute
 
 setup: $(STAMP)
 
@@ -24,14 +26,29 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python 3 (Qwen2.5-VL course)"
 	touch $(STAMP)
 
+# The test tools (pytest, nbval, playwright, ruff): only what `make test` needs, not the course.
+$(DEV_STAMP): $(STAMP) requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(DEV_STAMP)
+
 lab: setup
 	$(VENV)/bin/jupyter lab $(ROOT_FLAG) notebooks/
 
-# The browser suite (tests/browser/: every notebook in JupyterLab in Debian's chromium) runs in the
-# same pytest session, after the unit tests and nbval; chromium comes from apt, never `playwright install`.
-test: setup
+# Lint (ruff: the rules and why are in pyproject.toml) and the format check, then one pytest session:
+# unit tests, every notebook executed once by nbval, then the browser suite (tests/browser/: each
+# notebook's widget cells in JupyterLab in Debian's chromium; chromium comes from apt, never
+# `playwright install`).
+test: $(DEV_STAMP) lint
 	@test -x /usr/bin/chromium || { apt-get update && apt-get install -y chromium; }
 	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --durations=15 $(PYTEST_ARGS)
+
+lint: $(DEV_STAMP)
+	$(VENV)/bin/ruff check helpers scripts tests conftest.py
+	$(VENV)/bin/ruff format --check helpers scripts tests conftest.py
+
+# Rewrite the code in the project's format (what `make lint` checks).
+format: $(DEV_STAMP)
+	$(VENV)/bin/ruff format helpers scripts tests conftest.py
 
 # Re-execute notebooks in place (top to bottom, one kernel), as they are committed: make execute NB=notebooks/00_quickstart.ipynb
 execute: setup

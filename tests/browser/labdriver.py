@@ -402,6 +402,8 @@ class Notebook:
             slider = box.locator(".widget-slider").nth(n)
             handle, readout = slider.locator(".noUi-handle").first, slider.locator(".widget-readout").first
             now, low, high = (float(handle.get_attribute(f"aria-value{k}") or 0) for k in ("now", "min", "max"))
+            if low == high:  # a slider with a single value (say, one recorded step) cannot be moved
+                continue
             key = "ArrowLeft" if now - low > high - now else "ArrowRight"  # towards the farther end
 
             def press(handle=handle, key=key):
