@@ -368,6 +368,8 @@ def _three_b():
 def budget_view(height: int = 600, width: int = 512, max_tokens: int = 16384, images: int = 1) -> View:
     """The 3B's inference memory for ``images`` images of height×width with ``max_pixels = max_tokens ×
     28²`` (per image): visual tokens, KV cache, eager vision scores, against the bf16 weights."""
+    if isinstance(images, bool) or not isinstance(images, int) or images < 1:
+        raise ValueError(f"images={images!r}: expected an integer ≥ 1 (images in the sample)")
     config, weights = _three_b()
     tokens = visual_tokens(height, width, max_pixels=int(max_tokens) * TOKEN_PIXELS)
     memory = image_memory(config, tokens)

@@ -99,23 +99,36 @@ CHAT_TEMPLATE = (
     "{% if loop.first and message['role'] != 'system' %}"
     "<|im_start|>system\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\n"
     "{% endif %}"
+    "{% if message['content'] is not defined or message['content'] is none %}"
+    "{{ raise_exception('message ' ~ loop.index0 ~ ' (' ~ message['role'] ~ ') has content=None or no content; expected a string or a list of parts') }}"
+    "{% elif message['content'] is mapping %}"
+    "{{ raise_exception('message ' ~ loop.index0 ~ ' (' ~ message['role'] ~ ') has content=' ~ message['content'] ~ '; expected a string or a list of parts') }}"
+    "{% endif %}"
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}"
     "{{ message['content'] }}"
     "{% else %}"
     "{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' or 'image' in part or 'image_url' in part %}"
+    "{% if 'type' in part %}{% set kind = part['type'] %}"
+    "{% elif 'image' in part or 'image_url' in part %}{% set kind = 'image' %}"
+    "{% elif 'video' in part %}{% set kind = 'video' %}"
+    "{% elif 'text' in part %}{% set kind = 'text' %}"
+    "{% else %}{% set kind = none %}{% endif %}"
+    "{% if kind == 'image' or kind == 'image_url' %}"
     "{% set counts.image = counts.image + 1 %}"
     "{% if add_vision_id %}Picture {{ counts.image }}: {% endif %}"
     "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'video' or 'video' in part %}"
+    "{% elif kind == 'video' %}"
     "{% set counts.video = counts.video + 1 %}"
     "{% if add_vision_id %}Video {{ counts.video }}: {% endif %}"
     "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' or 'text' in part %}"
+    "{% elif kind == 'text' %}"
+    "{% if part['text'] is not string %}"
+    "{{ raise_exception('text part ' ~ part ~ ' has no string \"text\"; expected {\"type\": \"text\", \"text\": \"...\"}') }}"
+    "{% endif %}"
     "{{ part['text'] }}"
     "{% else %}"
-    "{{ raise_exception('unknown content part type ' ~ part['type'] ~ '; accepted: text, image, video') }}"
+    "{{ raise_exception('unknown content part type ' ~ kind ~ ' in ' ~ part ~ '; accepted: text, image, video') }}"
     "{% endif %}"
     "{% endfor %}"
     "{% endif %}"
@@ -282,7 +295,8 @@ def build_tokenizer(vocabulary: str | os.PathLike | None = None) -> Qwen2Tokeniz
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     versions = f"transformers{transformers.__version__}-tokenizers{tokenizers.__version__}"
     folder = cache_dir() / f"tokenizer-{digest[:16]}-v{_CONVERTER_VERSION}-{versions}"
-    about = {"source_sha256": digest, "converter": _CONVERTER_VERSION, "versions": versions}
+    settings = hashlib.sha256(json.dumps(checkpoint_tokenizer_config(), sort_keys=True).encode()).hexdigest()
+    about = {"source_sha256": digest, "converter": _CONVERTER_VERSION, "versions": versions, "settings_sha256": settings}
     problem = cache.verify(folder, **about)
     if problem is None:
         tokenizer = _load_tokenizer_files(folder)
@@ -303,12 +317,12 @@ def build_tokenizer(vocabulary: str | os.PathLike | None = None) -> Qwen2Tokeniz
 def _load_tokenizer_files(folder: Path) -> Qwen2Tokenizer | None:
     """The tokenizer from a verified cache folder's JSON files (None if they do not load): the backend
     from tokenizer.json (``tokenizers.Tokenizer.from_file``, as ``from_pretrained`` does), the
-    settings from tokenizer_config.json, the template from chat_template.jinja. Loads no code."""
+    settings from tokenizer_config.json, the template ``CHAT_TEMPLATE``. Loads no code."""
     try:
         config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
         settings = {k: v for k, v in config.items() if k not in ("tokenizer_class", "backend", "chat_template")}
         tokenizer = Qwen2Tokenizer(tokenizer_file=str(folder / "tokenizer.json"), **settings)
-        tokenizer.chat_template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        tokenizer.chat_template = CHAT_TEMPLATE  # the template in force, never a cached copy of an older one
     except Exception:  # noqa: BLE001  (replaced or removed while we read: the caller rebuilds)
         return None
     return tokenizer
@@ -519,6 +533,12 @@ def course_config(
             f"text_hidden={text_hidden} must divide by text_heads={text_heads}, which must divide "
             f"by text_kv_heads={text_kv_heads}; vision_hidden={vision_hidden} by vision_heads={vision_heads}"
         )
+    if (text_hidden // text_heads) % 2 or (vision_hidden // vision_heads) % 4:
+        raise ValueError(
+            f"text head dim {text_hidden}/{text_heads} = {text_hidden // text_heads} must be even (rotary pairs); "
+            f"vision head dim {vision_hidden}/{vision_heads} = {vision_hidden // vision_heads} a multiple of 4 "
+            "(2-D rotary pairs for rows and columns)"
+        )
     if any(not 0 <= i < vision_depth for i in fullatt_block_indexes):
         raise ValueError(f"fullatt_block_indexes={fullatt_block_indexes}: each must be in [0, {vision_depth - 1}]")
     return _config(
@@ -580,7 +600,11 @@ def load_model(
     ``model`` (or ``$QWENVL_MODEL``) names a local directory → ``from_pretrained(...,
     local_files_only=True)``. Otherwise ``Qwen2_5_VLForConditionalGeneration(config or
     course_config())`` with weights drawn from ``torch.manual_seed(seed)``. Returned in eval mode.
+    ``dtype`` is a floating ``torch.dtype`` or its name (``"float16"``, ``"bfloat16"``, ``"float32"``).
     """
+    dtype = _floating_dtype(dtype)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed={seed!r}: expected an integer ≥ 0")
     checkpoint = _resolve_checkpoint(model)
     if checkpoint is not None:
         _require_files(checkpoint, "model", _MODEL_FILES, weights=True)
@@ -592,6 +616,15 @@ def load_model(
     built = Qwen2_5_VLForConditionalGeneration(config or course_config())
     init_logit_scale(built)
     return built.to(device=device, dtype=dtype).eval()
+
+
+def _floating_dtype(dtype) -> torch.dtype:
+    """``dtype`` as a floating ``torch.dtype`` (a name such as ``"bfloat16"`` accepted), else a clear error."""
+    value = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError(f"dtype={dtype!r}: expected a floating torch dtype, e.g. torch.float32, torch.bfloat16 "
+                         "or the name 'float16'")
+    return value
 
 
 #: Initial weight of the course model's final RMSNorm (transformers initialises it at 1).

@@ -124,6 +124,8 @@ def rope_index(
     grids = {IMAGE: list(image_grid_thw) if image_grid_thw is not None else [],
              VIDEO: list(video_grid_thw) if video_grid_thw is not None else []}
     seconds = [float(s) for s in second_per_grid_ts] if second_per_grid_ts is not None else [1.0] * len(grids[VIDEO])
+    if not all(math.isfinite(s) and s >= 0 for s in seconds):
+        raise ValueError(f"second_per_grid_ts={seconds}: expected finite seconds ≥ 0, one per video")
     used = {IMAGE: 0, VIDEO: 0}
     position_ids = torch.zeros(3, *input_ids.shape, dtype=input_ids.dtype)
     deltas = []

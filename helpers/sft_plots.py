@@ -120,6 +120,12 @@ def batch_view(row: int = 0, max_length: int = 0) -> View:
     import html as html_lib
 
     cache = _widget_batch()
+    rows = len(cache["items"])
+    if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < rows:
+        return View(text=f"not accepted: row={row!r}: expected a row in [0, {rows - 1}]", data={"error": f"row={row!r}"})
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 0:
+        return View(text=f"not accepted: max_length={max_length!r}: expected an integer ≥ 0 (0: no truncation)",
+                    data={"error": f"max_length={max_length!r}"})
     item = dict(cache["items"][row])
     if max_length:
         item = {**item, "input_ids": item["input_ids"][:max_length], "labels": item["labels"][:max_length]}
