@@ -123,6 +123,10 @@ def processor_frames(images, image_processor) -> torch.Tensor:
 
 def row_index_grid(grid_h: int, grid_w: int, merge_size: int = 2) -> np.ndarray:
     """(grid_h, grid_w) map: the ``pixel_values`` row that holds the patch at each grid position."""
+    _check_sizes(14, 2, merge_size)
+    for name, value in (("grid_h", grid_h), ("grid_w", grid_w)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % merge_size:
+            raise ValueError(f"{name}={value!r}: expected a positive multiple of merge_size={merge_size}")
     index = np.arange(grid_h * grid_w).reshape(grid_h // merge_size, grid_w // merge_size, merge_size, merge_size)
     return index.transpose(0, 2, 1, 3).reshape(grid_h, grid_w)  # (block row, row in block, block col, col in block)
 

@@ -206,6 +206,9 @@ class SFTLoss(torch.nn.Module):
 def batch_indices(n: int, batch_size: int, step: int, seed: int = 0) -> list[int]:
     """The sample indices of global micro-batch number ``step``: epochs are seeded permutations of
     ``range(n)``, so the order depends only on (n, batch_size, step, seed), which makes resuming exact."""
+    for name, value, low in (("n", n, 1), ("batch_size", batch_size, 1), ("step", step, 0), ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}={value!r}: expected an integer ≥ {low}")
     per_epoch = max(1, n // batch_size)
     epoch, offset = divmod(step, per_epoch)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))

@@ -160,6 +160,7 @@ def random_resize_cases(count: int = 12_000, seed: int = 0, thin_share: float = 
     side of 1…56 px, budgets of 1…2,048 and up to 16,384 tokens, factor 28 (a tenth at 14 or 32),
     plus fixed extremes (sides around one factor, ratio exactly 200 and just above, min = max).
     """
+    _check_int("seed", seed, 0, "the generator's seed")
     rng = np.random.default_rng(seed)
     cases = []
     for _ in range(count):

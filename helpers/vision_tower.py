@@ -101,6 +101,8 @@ def patch_embed_as_matmul(pixel_values: torch.Tensor, conv_weight: torch.Tensor)
 def patch_embed_cost(num_patches: int, hidden: int, in_channels: int = 3, temporal_patch_size: int = 2,
                      patch_size: int = 14) -> dict:
     """Parameters and FLOPs (2 per multiply-add) of the patch embedding for ``num_patches`` rows."""
+    _check_positive_int("num_patches", num_patches)
+    _check_positive_int("hidden", hidden)
     row = in_channels * temporal_patch_size * patch_size * patch_size
     return {"row": row, "params": hidden * row, "flops": 2 * num_patches * row * hidden}
 
