@@ -21,6 +21,8 @@ Each module names the notebook that teaches it:
 - ``helpers.rewards``, ``helpers.rollouts``, ``helpers.grpo``   11: verifiable rewards, rollouts and
   their log-probabilities, GRPO (typed settings, loss, loop, SFT control); ``helpers.grpo_trl`` the
   TRL route, ``helpers.grpo_plots`` its pictures and the rollout browser.
+- ``helpers.packing``       12: packed rows (4-row position ids, labels unchanged), what padding costs;
+  ``helpers.segment_attention`` one attention call over many segments (windows, conversations).
 - ``helpers.plots``, ``helpers.widgets``   figure style; widget plumbing and registry.
 - ``helpers.profiles``      the cpu / gpu profiles (``QWENVL_PROFILE``).
 - ``helpers.netguard``      the offline guard the tests switch on.

@@ -206,6 +206,20 @@ def synthetic_item(rng: np.random.Generator, text_tokens: int, image_hw: tuple[i
             "image_grid_thw": torch.tensor([[1, h, w]]), "merge": merge}
 
 
+def interleaved_times(runs: dict, repeats: int = 5) -> dict[str, list[float]]:
+    """Seconds of each callable in ``runs`` over ``repeats`` rounds, the order alternating every
+    round (a busy machine slows neighbours alike): compare them as per-round ratios, not as absolutes."""
+    import time
+
+    times = {name: [] for name in runs}
+    for round_ in range(repeats):
+        for name in (list(runs) if round_ % 2 == 0 else list(runs)[::-1]):
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 # ---------------------------------------------------------------------------------------------
 # Picture and widget
 # ---------------------------------------------------------------------------------------------
@@ -236,6 +250,30 @@ def layout_figure(lengths, batch_size: int, budget: int | None = None):
     right.set(title=f"packed into rows of ≤ {budget} tokens", xlabel="tokens", ylabel="row")
     right.invert_yaxis()
     return figure, stats
+
+
+def packed_row_figure(position_ids: torch.Tensor, seq_lengths, mm_token_type_ids: torch.Tensor | None = None):
+    """Left: the four position-id rows of a packed row against the token index (text row restarting
+    per conversation, image tokens shaded). Right: which keys each query may see (causal, inside
+    its own conversation), the mask transformers builds from the text row."""
+    figure, (left, right) = new_figure(ncols=2, width=11, height=3.6)
+    rows = position_ids[:, 0]
+    for row, (name, colour) in enumerate(zip(("text", "t", "h", "w"), ("special", "text", "image", "video"))):
+        left.plot(rows[row].numpy(), label=name, color=COLOURS[colour], lw=1.2 if row else 2.0, alpha=0.9)
+    if mm_token_type_ids is not None:
+        image = mm_token_type_ids.flatten().numpy() == 1
+        left.fill_between(np.arange(len(image)), 0, rows.max().item(), where=image, color=COLOURS["image"], alpha=0.12,
+                          step="mid", label="image tokens")
+    for edge in np.cumsum(seq_lengths)[:-1]:
+        left.axvline(edge - 0.5, color=COLOURS["pad"], lw=0.8, ls="--")
+    left.set(title="position ids of the packed row", xlabel="token", ylabel="position id")
+    left.legend(ncols=5, fontsize=7, loc="upper left")
+    segment = torch.repeat_interleave(torch.arange(len(seq_lengths)), torch.as_tensor(seq_lengths))
+    visible = (segment[:, None] == segment[None, :]) & torch.ones(len(segment), len(segment), dtype=torch.bool).tril()
+    right.imshow(visible.numpy(), cmap="Blues", interpolation="nearest")
+    right.set(title="attention: causal, inside each conversation", xlabel="key", ylabel="query")
+    right.grid(False)
+    return figure
 
 
 @register_widget("12_packing", {"mix": "chat (long tail)", "batch_size": 8, "n": 32},
