@@ -128,7 +128,7 @@ CHAT_TEMPLATE = (
     "{% endif %}"
     "{{ part['text'] }}"
     "{% else %}"
-    "{{ raise_exception('unknown content part type ' ~ kind ~ ' in ' ~ part ~ '; accepted: text, image, video') }}"
+    "{{ raise_exception('unknown content part type ' ~ (part if kind is none else kind) ~ '; accepted: text, image, video') }}"
     "{% endif %}"
     "{% endfor %}"
     "{% endif %}"
