@@ -199,3 +199,15 @@ def test_text_segment_attention_equals_the_packed_mask(batches):
         model.config.text_config._attn_implementation = segment_attention.register_text_attention()
         ours = model(**{k: packed[k] for k in INPUTS}, use_cache=False).logits
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+
+
+def test_packed_row_figure_and_interleaved_times(batches):
+    _, packed = batches
+    figure = packing.packed_row_figure(packed["position_ids"], packed["seq_lengths"].tolist(), packed["mm_token_type_ids"])
+    left, right = figure.axes[:2]
+    assert len(left.lines) == 4 + len(packed["seq_lengths"]) - 1  # four rows, one dashed line per seam
+    total = int(packed["seq_lengths"].sum())
+    assert right.images[0].get_array().shape == (total, total)
+    calls = []
+    times = packing.interleaved_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3)
+    assert calls == ["a", "b", "b", "a", "a", "b"] and all(len(t) == 3 for t in times.values())
