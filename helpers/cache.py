@@ -26,8 +26,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 #: Base of a relative ``QWENVL_CACHE``: the course's root folder (the one holding ``helpers/``), so
 #: the cache is the same whether a kernel runs in ``notebooks/``, the root or elsewhere.
