@@ -27,6 +27,10 @@ import torch
 import torch.nn.functional as F
 
 NAME = "segment"
+#: Which kernel served each kind of call last: "varlen" or "padded sdpa" (the benchmark records it).
+BACKENDS: dict[str, str] = {}
+#: Why torch's varlen kernel was given up in this process (then the padded path serves every call).
+VARLEN_FAILED: list[str] = []
 
 
 def _varlen():
@@ -56,11 +60,20 @@ def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     total, heads, _ = query.shape
     if key.shape[1] != heads:  # grouped-query attention: each kv head serves heads / kv_heads queries
         key, value = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (key, value))
+    kind = "causal" if causal else "full"
     varlen = _varlen()
-    if varlen is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
+    if varlen is not None and not VARLEN_FAILED and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16):
         cu = cu_seqlens.to(device=query.device, dtype=torch.int32)
         longest = int(cu.diff().max())
-        return varlen(query, key, value, cu, cu, longest, longest, is_causal=causal, scale=scale)
+        try:
+            out = varlen(query, key, value, cu, cu, longest, longest, is_causal=causal, scale=scale)
+            BACKENDS[kind] = "varlen"
+            return out
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError) as error:  # an older torch's signature or kernel limits
+            VARLEN_FAILED.append(f"{type(error).__name__}: {error}")
+    BACKENDS[kind] = "padded sdpa"
     index, valid = _segments(cu_seqlens.to(query.device), total)
     q, k, v = (t[index].transpose(1, 2) for t in (query, key, value))  # (S, heads, Lmax, d)
     mask = valid[:, None, None, :]

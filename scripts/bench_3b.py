@@ -14,7 +14,10 @@ Modes: ``full`` (fp32 master weights and moments, bf16 autocast: the correct ful
 real memory), ``lora`` (r=16 on the language model, the frozen tower run under ``torch.no_grad``),
 ``trl`` (TRL's ``SFTTrainer`` on the same packed rows, model and LoRA settings; TRL 1.16 refuses
 ``padding_free`` for vision data, so it gets our packing collator). Activation checkpointing is
-switched on for the language model only when a step runs out of memory without it.
+(every transformer block: the tower's and the language model's) is switched on only when a step runs
+out of memory without it. Memory: a full fine-tune keeps 16 bytes per parameter (fp32 weights,
+gradients and two moments: about 60 GB for the 3B) before activations, so ~16 k-token rows need an
+H200 (139 GB); on an H100 pass ``--tokens 8192``.
 
 Per mode: tokens/s, model FLOPs per step (``step_flops``), MFU (against 989 TFLOP/s dense bf16) and
 HFU (with the recomputed forward), the time split, peak memory. Before timing, the segment attention
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import itertools
 import json
 import platform
@@ -46,7 +50,7 @@ import torch.nn.functional as F
 
 from helpers.chat import IGNORE_INDEX
 from helpers.packing import pack_items, pack_lengths, synthetic_item
-from helpers.segment_attention import register_text_attention, use_segment_attention
+from helpers.segment_attention import BACKENDS, VARLEN_FAILED, register_text_attention, use_segment_attention
 from helpers.vision_tower import window_index
 
 PEAK_BF16_FLOPS = 989e12  # H100/H200 dense bf16 (1979 is the sparse figure)
@@ -81,8 +85,9 @@ def packed_rows(shape: dict, rows: int, seed: int = 0) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
-def step_flops(config, row: dict, mode: str, recompute_lm: bool = False) -> dict:
-    """Model FLOPs of one training step on the packed ``row``, by part (HFU adds ``recompute``).
+def step_flops(config, row: dict, mode: str, checkpointing: bool = False) -> dict:
+    """Model FLOPs of one training step on the packed ``row``, by part (HFU adds ``recompute``: with
+    activation checkpointing, one more forward of every trained block, vision and language model).
 
     Matmuls count 2 FLOPs per multiply-add. Forward: every decoder-layer weight at every token
     (2·N_layers·T), causal attention inside each conversation (2·d·L² per layer: QKᵀ and AV over
@@ -115,7 +120,8 @@ def step_flops(config, row: dict, mode: str, recompute_lm: bool = False) -> dict
              "vision": 1 if frozen else 3, "vision_attention": 1 if frozen else 3}
     parts = {k: v * scale[k] for k, v in forward.items()}
     parts["total"] = sum(parts.values())
-    parts["recompute"] = (forward["lm_layers"] + forward["lm_attention"]) if recompute_lm else 0.0
+    recomputed = ("lm_layers", "lm_attention") + (("vision", "vision_attention") if mode == "full" else ())
+    parts["recompute"] = sum(forward[k] for k in recomputed) if checkpointing else 0.0
     return parts
 
 
@@ -146,6 +152,13 @@ def build(config, mode: str, device: torch.device, lr: float = 1e-5):
 
 def _inputs(row: dict) -> dict:
     return {k: row[k] for k in MODEL_INPUTS}
+
+
+def _free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _sync(device):
@@ -186,36 +199,40 @@ def step(model, optimizer, row: dict, mode: str, device: torch.device, amp: bool
 
 
 def run_mode(config, mode: str, rows: list[dict], device: torch.device, amp: bool, warmup: int) -> dict:
-    """Build, (retry with LM activation checkpointing on out-of-memory), time every row's step."""
+    """Build, (retry with activation checkpointing on out-of-memory), time every row's step."""
     for checkpointing in (False, True):
         model, optimizer = build(config, mode, device)
         if checkpointing:
             (model.get_base_model() if mode != "full" else model).gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
+        _free(device)
         try:
             steps = [step(model, optimizer, row, mode, device, amp) for row in rows]
-            break
         except torch.OutOfMemoryError:
-            del model, optimizer
             if checkpointing:
                 raise
-    timed = steps[warmup:]
-    seconds = statistics.median(s["total"] for s in timed)
-    tokens = statistics.mean(float(r["seq_lengths"].sum()) for r in rows[warmup:])
-    flops = step_flops(config, rows[warmup], mode, checkpointing)
-    result = {"mode": mode, "activation_checkpointing": checkpointing, "step_seconds_median": seconds,
-              "tokens_per_step": tokens, "tokens_per_second": tokens / seconds,
+            steps = None  # leave the except block first: its traceback holds the step's tensors
+        if steps is not None:
+            break
+        model = optimizer = None  # drop the first attempt before building again
+    timed, rows_timed = steps[warmup:], rows[warmup:]
+    seconds = sum(s["total"] for s in timed)
+    tokens = sum(float(r["seq_lengths"].sum()) for r in rows_timed)
+    parts = [step_flops(config, r, mode, checkpointing) for r in rows_timed]
+    flops = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}  # per step, averaged over the timed rows
+    per_step = seconds / len(timed)
+    result = {"mode": mode, "activation_checkpointing": checkpointing, "timed_steps": len(timed),
+              "step_seconds_mean": per_step, "step_seconds_median": statistics.median(s["total"] for s in timed),
+              "tokens_per_step": tokens / len(timed), "tokens_per_second": tokens / seconds,
               "split_seconds_median": {k: statistics.median(s[k] for s in timed) for k in ("vision", "language_model", "optimizer")},
               "model_tflop_per_step": {k: v / 1e12 for k, v in flops.items()},
-              "achieved_tflops": flops["total"] / seconds / 1e12, "loss": [s["loss"] for s in steps],
+              "achieved_tflops": flops["total"] / per_step / 1e12, "loss": [s["loss"] for s in steps],
+              "attention_backend": dict(BACKENDS),
               "parameters": sum(p.numel() for p in model.parameters()),
               "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if device.type == "cuda":
-        result.update(mfu=flops["total"] / seconds / PEAK_BF16_FLOPS,
-                      hfu=(flops["total"] + flops["recompute"]) / seconds / PEAK_BF16_FLOPS,
+        result.update(mfu=flops["total"] / per_step / PEAK_BF16_FLOPS,
+                      hfu=(flops["total"] + flops["recompute"]) / per_step / PEAK_BF16_FLOPS,
                       peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30)
     del model, optimizer
     return result
@@ -250,11 +267,12 @@ def run_trl(config, rows: list[dict], device: torch.device, amp: bool, warmup: i
     trainer.add_callback(Clock())
     start = _sync(device)
     trainer.train()
-    seconds = statistics.median(np.diff([start, *marks])[warmup:])
-    tokens = statistics.mean(float(r["seq_lengths"].sum()) for r in rows[warmup:])
+    seconds = float(np.sum(np.diff([start, *marks])[warmup:]))
+    tokens = sum(float(r["seq_lengths"].sum()) for r in rows[warmup:])
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     del trainer, model
-    return {"mode": "trl", "step_seconds_median": seconds, "tokens_per_second": tokens / seconds, "loss": losses}
+    return {"mode": "trl", "step_seconds_mean": seconds / (len(rows) - warmup), "tokens_per_second": tokens / seconds,
+            "loss": losses}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,6 +304,10 @@ def check_segment_attention(config, device: torch.device, amp: bool) -> dict:
     return out
 
 
+def _fmt(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
 def report(results: dict, out: Path) -> str:
     """RUN.md: what ran, where, and the per-mode table."""
     env = results["environment"]
@@ -299,10 +321,10 @@ def report(results: dict, out: Path) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in results["modes"].values():
         split = r.get("split_seconds_median")
-        lines.append(f"| {r['mode']} | {r['tokens_per_second']:.0f} | {r['step_seconds_median']:.3f} | "
-                     f"{r.get('mfu', float('nan')):.3f} | {r.get('hfu', float('nan')):.3f} | "
+        lines.append(f"| {r['mode']} | {r['tokens_per_second']:.0f} | {r['step_seconds_mean']:.3f} | "
+                     f"{_fmt(r.get('mfu'), '.3f')} | {_fmt(r.get('hfu'), '.3f')} | "
                      + (" / ".join(f"{split[k]:.3f}" for k in split) if split else "–")
-                     + f" | {r.get('peak_memory_gib', float('nan')):.1f} | {r.get('activation_checkpointing', '–')} |")
+                     + f" | {_fmt(r.get('peak_memory_gib'), '.1f')} | {r.get('activation_checkpointing', '–')} |")
     if "trl_ratio" in results:
         lines += ["", f"Our LoRA loop / TRL SFTTrainer tokens/s: {results['trl_ratio']:.2f}"]
     text = "\n".join(lines) + "\n"
@@ -317,6 +339,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--modes", default="full,lora,trl")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per mode (6; --tiny: 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed first steps (2; --tiny: 1)")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per packed row (16384; --tiny: 768)")
     args = parser.parse_args(argv)
     args.steps = args.steps or (2 if args.tiny else 6)
     args.warmup = args.warmup or (1 if args.tiny else 2)
@@ -332,7 +355,12 @@ def main(argv=None) -> dict:
     amp = device.type == "cuda"
     config = course_config(text_hidden=64, text_layers=2, text_mlp=128, vision_hidden=32, vision_depth=4,
                            vision_mlp=64) if args.tiny else qwen25vl_3b_config()
-    shape = SHAPES["tiny" if args.tiny else "3b"]
+    shape = dict(SHAPES["tiny" if args.tiny else "3b"])
+    if args.tokens is not None:
+        if args.tokens < 2 * max(shape["text"]) + (max(shape["side"]) // 28) ** 2:
+            parser.error(f"--tokens {args.tokens}: expected at least two of the longest conversations, "
+                         f"{2 * max(shape['text']) + (max(shape['side']) // 28) ** 2} tokens")
+        shape["budget"] = args.tokens
     rows = packed_rows(shape, args.warmup + args.steps)
     args.out.mkdir(parents=True, exist_ok=True)
     results = {"tiny": args.tiny, "command": " ".join(["python scripts/bench_3b.py", *(argv or sys.argv[1:])]),
@@ -351,10 +379,10 @@ def main(argv=None) -> dict:
             run_mode(config, mode, rows, device, amp, args.warmup)
         results["modes"][mode] = result
         print(json.dumps(result), flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _free(device)
     if {"lora", "trl"} <= set(modes):
         results["trl_ratio"] = results["modes"]["lora"]["tokens_per_second"] / results["modes"]["trl"]["tokens_per_second"]
+    results["environment"]["varlen_failures"] = list(VARLEN_FAILED)
     (args.out / "bench_3b.json").write_text(json.dumps(results, indent=1))
     print(report(results, args.out))
     return results

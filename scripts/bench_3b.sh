@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The representative Qwen2.5-VL-3B fine-tuning benchmark (scripts/bench_3b.py) in one call, ≈ 5 minutes
-# on one H100/H200: ~16 k-token packed rows of one-image conversations; full fine-tune (fp32 master
+# on one H200: ~16 k-token packed rows of one-image conversations; full fine-tune (fp32 master
 # weights and moments, bf16 autocast, fused AdamW), LoRA (frozen tower without autograd) and TRL's
 # SFTTrainer on the same rows; tokens/s, MFU, HFU, time split, peak memory. Writes OUT_DIR/bench_3b.json
 # and OUT_DIR/RUN.md.
 #
 #   bash scripts/gpu_wheels.sh                                   # here, once
-#   bash scripts/bench_3b.sh "$OUT"                              # on the GPU machine (carry .whl)
+#   bash scripts/bench_3b.sh "$OUT"                              # on an H200 (carry .whl)
+#   bash scripts/bench_3b.sh "$OUT" --tokens 8192                # on an H100: full FT's 60 GB of states
 #   BENCH_TINY=1 PY=.venv/bin/python bash scripts/bench_3b.sh /tmp/o   # CPU rehearsal, tiny config
 set -uo pipefail
 OUT_DIR=${1:?usage: bench_3b.sh OUT_DIR}
@@ -22,4 +23,4 @@ fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 TINY_FLAG=()
 if [ -n "${BENCH_TINY:-}" ]; then TINY_FLAG=(--tiny); fi
-"$PY" scripts/bench_3b.py --out "$OUT_DIR" "${TINY_FLAG[@]}" 2>&1 | tee "$OUT_DIR/log.txt"
+"$PY" scripts/bench_3b.py --out "$OUT_DIR" "${TINY_FLAG[@]}" "${@:2}" 2>&1 | tee "$OUT_DIR/log.txt"

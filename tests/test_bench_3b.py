@@ -41,3 +41,17 @@ def test_step_flops_match_the_counted_matmuls(rows, mode, low, high):
     flops = bench_3b.step_flops(CONFIG, rows[0], mode)
     matmuls = flops["total"] - flops["lm_attention"] - flops["vision_attention"]
     assert low <= counter.get_total_flops() / matmuls <= high
+
+
+def test_recompute_is_the_checkpointed_forward(rows):
+    """With activation checkpointing every trained block runs its forward twice: the counted matmuls
+    grow by ``recompute`` (less its attention share, which FlopCounterMode does not see here)."""
+    device = torch.device("cpu")
+    model, optimizer = bench_3b.build(CONFIG, "full", device)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with FlopCounterMode(display=False) as counter:
+        bench_3b.step(model, optimizer, rows[0], "full", device, amp=False)
+    flops = bench_3b.step_flops(CONFIG, rows[0], "full", checkpointing=True)
+    attention = flops["lm_attention"] + flops["vision_attention"]
+    expected = flops["total"] - attention + flops["recompute"] - attention / 3
+    assert 0.98 <= counter.get_total_flops() / expected <= 1.0
