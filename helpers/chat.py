@@ -134,6 +134,8 @@ KINDS = ("text", "special", "image", "video", "pad")  # what a token is, for col
 def token_kind(token_id: int, pad_id: int | None = None) -> str:
     """"image" / "video" for the vision pads, "pad" for padding, "special" for other special
     tokens, "text" otherwise."""
+    if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
+        raise ValueError(f"token_id={token_id!r}: expected a token id, an integer ≥ 0")
     if token_id == IMAGE_PAD:
         return "image"
     if token_id == VIDEO_PAD:

@@ -18,6 +18,9 @@ from helpers.evaluation import unwrap
 def lr_factor(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
     """Linear warmup from 0 to 1 over ``warmup`` steps, then cosine down to ``floor`` at ``total``
     (mirrors ``transformers.get_cosine_with_min_lr_schedule_with_warmup(min_lr_rate=floor)``)."""
+    if not 0 <= step <= total or warmup < 0 or not 0 <= floor <= 1:
+        raise ValueError(f"step={step!r}, total={total!r}, warmup={warmup!r}, floor={floor!r}: expected "
+                         "0 ≤ step ≤ total, warmup ≥ 0 and floor in [0, 1]")
     if step < warmup:
         return step / max(1, warmup)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))

@@ -19,6 +19,7 @@ from helpers import (
     evaluation,
     forward,
     grpo,
+    optim,
     patches,
     qwen,
     rewards,
@@ -64,6 +65,8 @@ CASES = [
     ("nframes and fps", lambda c: video.smart_nframes({"nframes": 4, "fps": 2}, 100, 30), ValueError, r"nframes"),
     ("nframes total 0", lambda c: video.smart_nframes({"fps": 2}, 0, 30), ValueError, r"total_frames=0"),
     ("nframes video_fps nan", lambda c: video.smart_nframes({"fps": 2}, 100, math.nan), ValueError, r"video_fps=nan"),
+    ("frame range start>end", lambda c: video.frame_range({"video_start": 5, "video_end": 1}, 100, 30), ValueError,
+     r"video_start=5"),
     ("nframes min>max", lambda c: video.smart_nframes({"fps": 2, "min_frames": 10, "max_frames": 4}, 100, 30),
      ValueError, r"min_frames=10"),
     ("clip 1e6 s", lambda c: video.synthetic_video(seconds=1e6), ValueError, r"seconds=1000000\.0"),
@@ -129,6 +132,7 @@ CASES = [
     ("check_messages empty", lambda c: chat.check_messages([]), TypeError, r"messages=\[\]"),
     ("check_messages role", lambda c: chat.check_messages([{"role": "bot", "content": "x"}]), ValueError, r"'bot'"),
     ("check_messages part", lambda c: chat.check_messages(user([{"type": "audio"}])), ValueError, r"'audio'"),
+    ("token_kind -1", lambda c: chat.token_kind(-1), ValueError, r"token_id=-1"),
     # the shapes data (notebook 10)
     ("split nope", lambda c: data.make_sample("nope", 0), ValueError, r"'nope'"),
     ("sample index<0", lambda c: data.make_sample("train", -1), ValueError, r"index=-1"),
@@ -139,6 +143,8 @@ CASES = [
     ("batch step<0", lambda c: sft.batch_indices(8, 2, -1), ValueError, r"step=-1"),
     ("batch seed<0", lambda c: sft.batch_indices(8, 2, 0, seed=-3), ValueError, r"seed=-3"),
     ("batch size 0", lambda c: sft.batch_indices(8, 0, 0), ValueError, r"batch_size=0"),
+    ("lr step<0", lambda c: optim.lr_factor(-1, 10, 0), ValueError, r"step=-1"),
+    ("lr floor 2", lambda c: optim.lr_factor(1, 10, 0, floor=2.0), ValueError, r"floor=2\.0"),
     # rewards (notebook 11): a malformed call raises, a completion never does
     ("reward lengths", lambda c: rewards.task_reward(["3", "4"], ["count"], [3]), ValueError,
      r"task has 1 entries for 2"),
@@ -165,6 +171,8 @@ CASES = [
     # evaluation statistics, widgets' update functions, checkpoints and the cache
     ("binomial hits>n", lambda c: evaluation.binomial_p_value(5, 3, 0.5), ValueError, r"hits=5, n=3"),
     ("binomial p0", lambda c: evaluation.binomial_p_value(1, 3, 1.5), ValueError, r"p0=1\.5"),
+    ("sign test pairs", lambda c: evaluation.sign_test_p_value([1, 0], [1]), ValueError, r"2 scores but 1"),
+    ("best box none", lambda c: evaluation.best_constant_box([]), ValueError, r"targets is empty"),
     ("wilson n 0", lambda c: evaluation.wilson_interval(0, 0), ValueError, r"n=0"),
     ("budget images 0", lambda c: forward.budget_view(images=0), ValueError, r"images=0"),
     ("budget images <0", lambda c: forward.budget_view(images=-1), ValueError, r"images=-1"),
