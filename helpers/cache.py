@@ -19,7 +19,6 @@ then moved, a ``filelock`` per entry), without its download machinery.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -28,6 +27,11 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; builds still publish atomically, two at once may both build
+    fcntl = None
 
 #: Base of a relative ``QWENVL_CACHE``: the course's root folder (the one holding ``helpers/``), so
 #: the cache is the same whether a kernel runs in ``notebooks/``, the root or elsewhere.
@@ -123,11 +127,13 @@ def locked(target: str | os.PathLike):
     target = Path(target)
     lock = target.parent / f".{target.name}.lock"
     with open(lock, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if fcntl is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def replace_folder(staging: Path, target: Path) -> None:
