@@ -22,6 +22,7 @@ GPU measurements in ``scripts/gpu_sft.py``. Command line (the
 same training outside the notebook; under ``torchrun --nproc_per_node N`` it runs DDP)::
 
     python -m helpers.sft --profile gpu --out DIR [--steps N] [--metrics FILE] [--model PATH]
+    python -m helpers.sft --data DIR_OR_JSONL --out DIR [--steps N] [--model PATH]   (own data, notebook 13)
 """
 
 from __future__ import annotations
@@ -411,7 +412,15 @@ def trl_trainer(model, processor, data, *, steps: int, batch_size: int = 8, lr: 
 
 
 def main(argv=None) -> None:
-    """``python -m helpers.sft``: ``helpers.recipes.main`` (train as the recipe says, evaluate, save)."""
+    """``python -m helpers.sft``: ``helpers.recipes.main`` (train as the recipe says, evaluate, save);
+    with ``--data DIR_OR_JSONL``, ``helpers.own_data_run.main`` (your own dataset, notebook 13)."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--data" or a.startswith("--data=") for a in args):
+        from helpers.own_data_run import main as own_data_main
+
+        return own_data_main(args)
     from helpers.recipes import main as recipes_main
 
     recipes_main(argv)
