@@ -10,8 +10,11 @@ Each module names the notebook that teaches it:
 - ``helpers.constants``     02–07: patch 14, merge 2, factor 28, the pixel limits, defined once.
 - ``helpers.video``         03: smart_nframes, the synthetic video.
 - ``helpers.patches``       04: patchify / unpatchify.
-- ``helpers.vision_tower``  05–07: patch embed, window attention, vision RoPE, merger, the tower.
-- ``helpers.rope``          08: M-RoPE position ids (rope_index).
+- ``helpers.vision_tower``  05–07: patch embed, window attention, vision RoPE, merger, the tower;
+  ``helpers.vision_tower_plots`` its figures and widgets; ``helpers.layers`` RMSNorm and the rotary
+  embedding the tower and the decoder (09) share.
+- ``helpers.rope``          08: M-RoPE position ids (rope_index); ``helpers.rope_inputs`` the example
+  inputs and random batches it is checked on.
 - ``helpers.forward``       09: the forward pass step by step, greedy decoding, the 3B budget.
 - ``helpers.data``, ``helpers.sft``        10: the shapes task and supervised fine-tuning; beside them
   ``helpers.recipes`` (the settings in force: course model or checkpoint), ``helpers.optim``,
@@ -24,7 +27,7 @@ Each module names the notebook that teaches it:
 - ``helpers.packing``       12: packed rows (4-row position ids, labels unchanged), what padding costs;
   ``helpers.segment_attention`` one attention call over many segments (windows, conversations).
 - ``helpers.plots``, ``helpers.widgets``   figure style; widget plumbing and registry.
-- ``helpers.profiles``      the cpu / gpu profiles (``QWENVL_PROFILE``).
+- ``helpers.profiles``      the cpu / gpu profiles (``QWENVL_PROFILE``) as frozen typed settings.
 - ``helpers.netguard``      the offline guard the tests switch on.
 - ``helpers.cache``         00: the cache folder, hashed manifests, atomic locked writes.
 """

@@ -22,7 +22,7 @@ from helpers.forward import (
     weight_bytes,
 )
 from helpers.qwen import load_model, load_processor, parameter_count, qwen25vl_3b_config
-from helpers.rope import example_inputs, gradient_image
+from helpers.rope_inputs import example_inputs, gradient_image
 
 CASES = ["text only", "one image", "two images", "video", "image + video"]
 

@@ -1,4 +1,4 @@
-"""helpers.rope against the model's own get_rope_index and rotary embedding (notebook 08)."""
+"""helpers.rope (with helpers.rope_inputs) against the model's own get_rope_index and rotary embedding (notebook 08)."""
 
 import math
 import random
@@ -10,11 +10,9 @@ import torch
 from helpers.qwen import course_config, qwen25vl_3b_config
 from helpers import rope
 from helpers.rope import (
-    EXAMPLE_CASES,
     IMAGE_TOKEN_ID,
     VIDEO_TOKEN_ID,
     decoder_positions,
-    example_inputs,
     generated_positions,
     inverse_frequencies,
     merged_grid_check,
@@ -27,6 +25,7 @@ from helpers.rope import (
     video_plan,
     vision_positions,
 )
+from helpers.rope_inputs import EXAMPLE_CASES, example_inputs, random_batch
 
 SWEEP = 300
 
@@ -52,7 +51,7 @@ def test_rope_index_random_sweep(model):
     rng = random.Random(0)
     unmasked = 0
     for _ in range(SWEEP):
-        batch = rope.random_batch(rng)
+        batch = random_batch(rng)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         if rng.random() < 0.2:  # also without a mask: the padding becomes ordinary text
             ids, mask = ids.masked_fill(mask == 0, 1000), None
@@ -251,7 +250,7 @@ def test_reference_rule_random_sweep(model):
     rng = random.Random(5)
     agreeing = 0
     for _ in range(SWEEP):
-        batch = rope.random_batch(rng)
+        batch = random_batch(rng)
         args = (batch["input_ids"], batch["image_grid_thw"], batch["video_grid_thw"], batch["second_per_grid_ts"],
                 batch["attention_mask"])
         ours, oracle = rope_index(*args, rule="reference"), reference_oracle(*args)

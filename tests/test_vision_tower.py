@@ -14,6 +14,7 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
 from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids, get_vision_window_index
 
 from helpers import vision_tower as vt
+from helpers import vision_tower_plots as vtp
 from helpers.qwen import course_config, load_model, qwen25vl_3b_config
 from helpers.widgets import REGISTRY
 
@@ -249,18 +250,18 @@ def test_vision_tower_other_shapes_sweep():
 
 
 def test_widgets_registered_and_compute():
-    names = {r.notebook for r in REGISTRY.values() if r.update.__module__ == "helpers.vision_tower"}
+    names = {r.notebook for r in REGISTRY.values() if r.update.__module__ == "helpers.vision_tower_plots"}
     assert names == {"05_patch_embed", "06_window_attention", "07_vision_rope_merger"}
     for entry in REGISTRY.values():
-        if entry.update.__module__ != "helpers.vision_tower":
+        if entry.update.__module__ != "helpers.vision_tower_plots":
             continue
         for variation in [{}] + entry.variations:
             view = entry.update(**{**entry.defaults, **variation})
             assert view.figure is not None and view.text
-    assert vt.patch_embed_view().data["rows"] == 4872
-    assert vt.patch_embed_view(frames=5).data["pairs"] == [(0, 1), (2, 3), (4, 4)]
-    assert vt.window_view().data["windows"] == 88
-    assert vt.position_view(grid_h=2, grid_w=4).data["position_ids"].tolist() == [
+    assert vtp.patch_embed_view().data["rows"] == 4872
+    assert vtp.patch_embed_view(frames=5).data["pairs"] == [(0, 1), (2, 3), (4, 4)]
+    assert vtp.window_view().data["windows"] == 88
+    assert vtp.position_view(grid_h=2, grid_w=4).data["position_ids"].tolist() == [
         [0, 0], [0, 1], [1, 0], [1, 1], [0, 2], [0, 3], [1, 2], [1, 3]]
 
 
