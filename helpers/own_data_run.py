@@ -181,24 +181,23 @@ def main(argv=None) -> None:
 
 
 def token_figure(reports: dict, estimates: dict, title: str = ""):
-    """Left: tokens per row (text and image, stacked, rows sorted) of each estimate's report; right:
-    the memory floor of each (``own_data.estimate``), GiB on a log axis."""
+    """Left: tokens per row (rows sorted by length) of each report; right: the parts of each
+    estimate's memory floor (``own_data.estimate``), MiB on a log axis."""
     figure, (left, right) = new_figure(2, 1, width=10, height=3.2)
     for (name, rep), colour in zip(reports.items(), (COLOURS["image"], COLOURS["text"], COLOURS["loss"])):
         totals = sorted(t["total"] for t in rep.tokens)
         left.step(range(len(totals)), totals, color=colour, label=f"{name}: {sum(totals):,} tokens")
-    left.set_yscale("log")
     left.set_xlabel("row (sorted by length)")
-    left.set_ylabel("tokens per row (log)")
+    left.set_ylabel("tokens per row")
     left.legend(fontsize=8)
     names = list(estimates)
     parts = list(next(iter(estimates.values()))["memory"])
-    bottom = [0.0] * len(names)
-    for part, colour in zip(parts, (COLOURS["pad"], COLOURS["text"], COLOURS["loss"])):
-        values = [estimates[n]["memory"][part] / 2**30 for n in names]
-        right.barh(names, values, left=bottom, color=colour, label=part)
-        bottom = [b + v for b, v in zip(bottom, values)]
-    right.set_xlabel("GiB")
+    for k, (part, colour) in enumerate(zip(parts, (COLOURS["pad"], COLOURS["text"], COLOURS["loss"]))):
+        values = [estimates[n]["memory"][part] / 2**20 for n in names]
+        right.barh([i + 0.27 * (k - 1) for i in range(len(names))], values, 0.27, color=colour, label=part)
+    right.set_yticks(range(len(names)), names)
+    right.set_xscale("log")
+    right.set_xlabel("MiB (log)")
     right.legend(fontsize=8)
     right.set_title(title or "memory floor for training")
     return figure
