@@ -26,6 +26,9 @@ Each module names the notebook that teaches it:
   TRL route, ``helpers.grpo_plots`` its pictures and the rollout browser.
 - ``helpers.packing``       12: packed rows (4-row position ids, labels unchanged), what padding costs;
   ``helpers.segment_attention`` one attention call over many segments (windows, conversations).
+- ``helpers.own_data``      13: your own dataset (layouts, reading with datasets, validation, the
+  token/memory estimate, the demo dataset); ``helpers.own_data_run`` the run behind
+  ``python -m helpers.sft --data``, its report and the row browser.
 - ``helpers.plots``, ``helpers.widgets``   figure style; widget plumbing and registry.
 - ``helpers.profiles``      the cpu / gpu profiles (``QWENVL_PROFILE``) as frozen typed settings.
 - ``helpers.netguard``      the offline guard the tests switch on.
