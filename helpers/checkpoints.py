@@ -222,12 +222,12 @@ def profile_checkpoint_dir(profile: str | None = None, step: int | None = None) 
     """Where the SFT run of a profile is cached: ``cache_dir()/sft-<profile>-<hash of its settings>``
     (a changed profile gets a new folder), with ``-step<N>`` for the run stopped at step N.
     Notebook 10 saves both; GRPO (notebook 11) starts from the one at its ``start_step``."""
-    from helpers.profiles import current_profile, settings
+    from helpers.profiles import as_plain, current_profile, settings
 
     name = current_profile(profile)
     if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 1):
         raise ValueError(f"step={step!r}: expected None or an integer ≥ 1")
-    return cache_dir() / (f"sft-{name}-{settings_digest(settings('sft', name))}" + (f"-step{step}" if step else ""))
+    return cache_dir() / (f"sft-{name}-{settings_digest(as_plain(settings('sft', name)))}" + (f"-step{step}" if step else ""))
 
 
 def sft_checkpoint(profile: str | None = None, directory=None, progress: bool = True) -> Path:
@@ -249,7 +249,7 @@ def sft_checkpoint(profile: str | None = None, directory=None, progress: bool = 
               f"training it now (the {name} SFT profile, stopped at step {step})")
         r = recipes.recipe(name, model=None)
         model, processor = recipes.model_for_profile(name, model=None)
-        data = ShapesStream("train", r["n_train"], r["seed"], **r["data"])
-        sft_train(model, processor, data, steps=r["steps"], stop_at=step, batch_size=r["batch_size"], lr=r["lr"],
-                  warmup=r["warmup"], seed=r["seed"], average=r["average"], checkpoint_dir=path, progress=progress)
+        data = ShapesStream("train", r.n_train, r.seed, **r.data)
+        sft_train(model, processor, data, steps=r.steps, stop_at=step, batch_size=r.batch_size, lr=r.lr,
+                  warmup=r.warmup, seed=r.seed, average=r.average, checkpoint_dir=path, progress=progress)
     return path

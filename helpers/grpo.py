@@ -104,15 +104,10 @@ class GRPOSettings:
 
     @classmethod
     def from_profile(cls, profile: str | None = None, **changes) -> "GRPOSettings":
-        """The ``grpo`` section of the profile in force (``helpers.profiles``), with ``changes``."""
+        """The ``grpo`` section of the profile in force (``helpers.profiles.settings``), with ``changes``."""
         from helpers.profiles import settings
 
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = settings("grpo", profile)
-        unknown = set(values) - known
-        if unknown:
-            raise KeyError(f"unknown grpo settings {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**{**values, **changes})
+        return settings("grpo", profile).replace(**changes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +379,7 @@ def train_prompts(cfg: GRPOSettings, seed: int = 1, profile: str | None = None) 
     from helpers.data import make_split
     from helpers.profiles import settings
 
-    return make_split("train", cfg.n_prompts, seed, **{**settings("sft", profile)["data"], "tasks": tuple(cfg.tasks)})
+    return make_split("train", cfg.n_prompts, seed, **{**settings("sft", profile).data, "tasks": tuple(cfg.tasks)})
 
 
 def main(argv=None) -> None:

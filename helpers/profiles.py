@@ -1,22 +1,126 @@
-"""The two run profiles of the course, in one place.
+"""The two run profiles of the course, in one place, as typed settings.
 
 ``QWENVL_PROFILE=cpu`` (the default, what CI runs: minutes on 2 cores) or ``QWENVL_PROFILE=gpu``
 (small scale on one GPU). A notebook reads its settings with ``settings("sft")`` and never edits
 code to switch: set the variable (or pass ``profile=``) instead.
+
+Every section is a frozen dataclass (``settings`` hands out values nobody can edit in place): a
+variant is ``dataclasses.replace(settings("sft"), steps=7)`` or ``helpers.recipes.recipe(overrides=…)``,
+never an edit of ``PROFILES``. ``ModelSettings`` and ``DataOptions`` are the keyword arguments of
+``helpers.qwen.course_config`` and ``helpers.data.make_split``: a field left ``None`` takes that
+function's default, and ``**options`` passes the others.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
+from dataclasses import dataclass
 
 PROFILE_NAMES = ("cpu", "gpu")
 
+
+class _Keywords:
+    """Keyword arguments for one library function, typed: ``f(**self)`` passes the fields that are
+    not ``None`` (the others keep ``f``'s defaults); ``self["name"]`` reads one."""
+
+    def keys(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+
+    def __getitem__(self, key: str):
+        if key not in {f.name for f in dataclasses.fields(self)}:
+            raise KeyError(f"{key!r}: not a field of {type(self).__name__}")
+        return getattr(self, key)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={self[k]!r}' for k in self.keys())})"
+
+
+@dataclass(frozen=True, repr=False)
+class ModelSettings(_Keywords):
+    """``helpers.qwen.course_config``'s arguments (None: its default, ~20 M parameters)."""
+
+    text_hidden: int | None = None
+    text_layers: int | None = None
+    text_heads: int | None = None
+    text_kv_heads: int | None = None
+    text_mlp: int | None = None
+    vision_hidden: int | None = None
+    vision_depth: int | None = None
+    vision_heads: int | None = None
+    vision_mlp: int | None = None
+    fullatt_block_indexes: tuple | None = None
+
+
+@dataclass(frozen=True, repr=False)
+class DataOptions(_Keywords):
+    """``helpers.data.make_split``'s options (None: ``helpers.data.DEFAULTS``, which explains each)."""
+
+    image_size: int | None = None
+    tasks: tuple | None = None
+    task_weights: tuple | None = None
+    count_range: tuple | None = None
+    max_distractors: int | None = None
+    shape_size: tuple | None = None
+    position_cue: float | None = None
+    colours: tuple | None = None
+
+
+@dataclass(frozen=True)
+class CourseSettings:
+    """Where the notebooks run the course model."""
+
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class SFTSettings:
+    """The course model trained from its random initialisation (``helpers.recipes``, notebook 10)."""
+
+    model: ModelSettings
+    data: DataOptions
+    seed: int
+    n_train: int
+    n_eval: int
+    steps: int
+    batch_size: int
+    grad_accum: int
+    lr: float
+    warmup: int
+    num_workers: int
+    freeze_embeddings: bool
+    lr_scales: dict | None            # name fragment → lr multiplier (None: one lr)
+    logit_scale_init: float | None    # the final norm's initial weight (None: transformers' 1)
+    embedding_std: float | None       # the tied table's init std (None: transformers' initializer_range)
+    average: str                      # "answer" or "token" (helpers.sft.labelled_loss)
+    max_seconds: float | None = None  # the step count shrinks (after 20 measured steps) to end within this
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """Settings a practitioner uses on a pretrained Qwen2.5-VL (``$QWENVL_MODEL``): ``helpers.recipes.recipe``."""
+
+    method: str                       # "lora" or "full"
+    lr_lora: float
+    lr_full: float
+    lora_r: int
+    lora_alpha: int
+    freeze_vision: bool
+    train_merger: bool
+    steps: int
+    batch_size: int
+    grad_accum: int
+    warmup: int
+    max_seconds: float | None = None
+
+
 # Every profile-dependent number of the course lives here, grouped by the part that uses it.
-PROFILES: dict[str, dict[str, dict]] = {
+PROFILES: dict[str, dict[str, object]] = {
     "cpu": {
-        "course": {"device": "cpu", "dtype": "float32"},
+        "course": CourseSettings(device="cpu", dtype="float32"),
         "grpo": {  # helpers.grpo.GRPOSettings / notebooks/11_grpo.ipynb (the live seed)
             # start from notebook 10's SFT run stopped at step 150 of 300: boxes right now and then
             # (greedy IoU ~0.2, best of 8 samples ~0.5), grounding prompts only, so groups carry signal
@@ -30,28 +134,28 @@ PROFILES: dict[str, dict[str, dict]] = {
             "reward_weights": {"task": 1.0}, "bf16": False, "max_seconds": None, "bucket_by_task": False,
             "freeze_embeddings": True,
         },
-        "sft": {  # the course model from its random initialisation (helpers.recipes)
-            "model": {},  # course_config() defaults: ~20 M parameters, 19.4 M of them the embedding
-            "seed": 0,
+        "sft": SFTSettings(  # the course model from its random initialisation (helpers.recipes)
+            model=ModelSettings(),  # course_config() defaults: ~20 M parameters, 19.4 M of them the embedding
+            seed=0,
             # one shape per 28-px cell of a 2 × 2 grid (4 image tokens), tasks 1:1:1, background
             # tinted by position (helpers.data explains both; notebook 10 measures them). At 112 px
             # (16 tokens) 300 cpu steps did not learn to read colours (closing note of issue 11)
-            "data": {"image_size": 56, "max_distractors": 0},
-            "n_train": 4096, "n_eval": 300,
-            "steps": 300, "batch_size": 16, "grad_accum": 1, "lr": 1e-3, "warmup": 30, "num_workers": 0,
+            data=DataOptions(image_size=56, max_distractors=0),
+            n_train=4096, n_eval=300,
+            steps=300, batch_size=16, grad_accum=1, lr=1e-3, warmup=30, num_workers=0,
             # from scratch only (notebook 10, appendix): the random tied embedding stays fixed; the
             # final norm starts at 8 (helpers.qwen.init_logit_scale); the table keeps std 0.02
-            "freeze_embeddings": True, "lr_scales": None, "logit_scale_init": 8.0, "embedding_std": 0.02,
-            "average": "answer",  # each answer weighs the same, however many tokens it has (section 6)
-        },
-        "checkpoint": {  # a pretrained Qwen2.5-VL ($QWENVL_MODEL): helpers.recipes.recipe
-            "method": "lora", "lr": {"lora": 2e-4, "full": 1e-5},
-            "lora_r": 16, "lora_alpha": 32, "freeze_vision": True, "train_merger": True,
-            "steps": 300, "batch_size": 8, "grad_accum": 2, "warmup": 10,
-        },
+            freeze_embeddings=True, lr_scales=None, logit_scale_init=8.0, embedding_std=0.02,
+            average="answer",  # each answer weighs the same, however many tokens it has (section 6)
+        ),
+        "checkpoint": CheckpointSettings(  # a pretrained Qwen2.5-VL ($QWENVL_MODEL): helpers.recipes.recipe
+            method="lora", lr_lora=2e-4, lr_full=1e-5,
+            lora_r=16, lora_alpha=32, freeze_vision=True, train_merger=True,
+            steps=300, batch_size=8, grad_accum=2, warmup=10,
+        ),
     },
     "gpu": {
-        "course": {"device": "cuda", "dtype": "bfloat16"},
+        "course": CourseSettings(device="cuda", dtype="bfloat16"),
         "grpo": {  # helpers.grpo.GRPOSettings / scripts/gpu_grpo.sh: 3 seeds, each capped at 60 s of training
             "start_step": 1000, "tasks": ("grounding",), "seeds": (0, 1, 2),
             "n_prompts": 4096, "n_eval": 600, "eval_batch_size": 256,
@@ -60,22 +164,22 @@ PROFILES: dict[str, dict[str, dict]] = {
             "reward_weights": {"task": 1.0}, "bf16": True, "max_seconds": 60, "bucket_by_task": False,
             "freeze_embeddings": True,
         },
-        "sft": {
-            "model": {"text_hidden": 256, "text_layers": 6, "text_heads": 4, "text_kv_heads": 2, "text_mlp": 768,
-                      "vision_hidden": 128, "vision_depth": 4, "vision_heads": 4, "vision_mlp": 256},
-            "seed": 0,
-            "data": {"image_size": 112, "max_distractors": 2},
-            "n_train": 1_000_000, "n_eval": 600,
-            "steps": 3000, "batch_size": 64, "grad_accum": 1, "lr": 1e-3, "warmup": 100, "num_workers": 8,
-            "freeze_embeddings": True, "lr_scales": None, "logit_scale_init": 8.0, "embedding_std": 0.02,
-            "average": "answer",
-            "max_seconds": 170,  # the step count shrinks (after 20 measured steps) to end within this
-        },
-        "checkpoint": {
-            "method": "lora", "lr": {"lora": 2e-4, "full": 1e-5},
-            "lora_r": 16, "lora_alpha": 32, "freeze_vision": True, "train_merger": True,
-            "steps": 1000, "batch_size": 16, "grad_accum": 1, "warmup": 30, "max_seconds": 170,
-        },
+        "sft": SFTSettings(
+            model=ModelSettings(text_hidden=256, text_layers=6, text_heads=4, text_kv_heads=2, text_mlp=768,
+                                vision_hidden=128, vision_depth=4, vision_heads=4, vision_mlp=256),
+            seed=0,
+            data=DataOptions(image_size=112, max_distractors=2),
+            n_train=1_000_000, n_eval=600,
+            steps=3000, batch_size=64, grad_accum=1, lr=1e-3, warmup=100, num_workers=8,
+            freeze_embeddings=True, lr_scales=None, logit_scale_init=8.0, embedding_std=0.02,
+            average="answer",
+            max_seconds=170,
+        ),
+        "checkpoint": CheckpointSettings(
+            method="lora", lr_lora=2e-4, lr_full=1e-5,
+            lora_r=16, lora_alpha=32, freeze_vision=True, train_merger=True,
+            steps=1000, batch_size=16, grad_accum=1, warmup=30, max_seconds=170,
+        ),
     },
 }
 
@@ -90,22 +194,48 @@ def current_profile(profile: str | None = None) -> str:
     return name
 
 
-def settings(section: str, profile: str | None = None) -> dict:
-    """A deep copy of the settings of ``section`` (e.g. ``"sft"``) in the profile in force: editing
-    it never changes the profile."""
+def settings(section: str, profile: str | None = None):
+    """The settings of ``section`` in the profile in force, typed and frozen: ``CourseSettings``,
+    ``SFTSettings``, ``CheckpointSettings`` or ``helpers.grpo.GRPOSettings`` (built fresh, so no
+    caller shares a mutable value with another)."""
     name = current_profile(profile)
     sections = PROFILES[name]
     if section not in sections:
         raise KeyError(f"profile {name!r} has no section {section!r}; known: {sorted(sections)}")
-    return copy.deepcopy(sections[section])
+    if section != "grpo":
+        return sections[section]
+    from helpers.grpo import GRPOSettings  # here: helpers.grpo reads its profile through this module
+
+    values = sections["grpo"]
+    unknown = set(values) - {f.name for f in dataclasses.fields(GRPOSettings)}
+    if unknown:
+        raise KeyError(f"unknown grpo settings {sorted(unknown)} in profile {name!r}; known: "
+                       f"{sorted(f.name for f in dataclasses.fields(GRPOSettings))}")
+    return GRPOSettings(**copy.deepcopy(values))
 
 
-def changed_settings(recorded: dict, current: dict) -> dict:
+def as_plain(value):
+    """Settings as JSON-able plain values: a dataclass → a dict of its fields (a ``ModelSettings`` or
+    ``DataOptions`` → only the fields it sets), recursively; what a metrics file records."""
+    if isinstance(value, _Keywords):
+        return {key: as_plain(value[key]) for key in value.keys()}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: as_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {key: as_plain(v) for key, v in value.items()}
+    return value
+
+
+def changed_settings(recorded: dict, current) -> dict:
     """``{key: (recorded value, current value)}`` for every key whose value differs, compared as
-    JSON (so a tuple in the profile equals the list a metrics file recorded); what notebooks 10 and
-    11 print to say whether a committed GPU run still matches today's profile."""
+    JSON (so a tuple in the profile equals the list a metrics file recorded; a setting missing on
+    one side reads as None); what notebooks 10 and 11 print to say whether a committed GPU run still
+    matches today's profile. ``current`` may be typed settings (``as_plain`` is applied)."""
+    current = as_plain(current)
+
     def as_json(value):
         return json.dumps(value, sort_keys=True, default=str)
 
     return {key: (recorded.get(key), current.get(key)) for key in sorted(set(recorded) | set(current))
             if as_json(recorded.get(key)) != as_json(current.get(key))}
+

@@ -14,25 +14,41 @@ Two recipes, chosen by whether a checkpoint is given (``model=`` or ``$QWENVL_MO
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from helpers import checkpoints
 from helpers.constants import TOKEN_PIXELS
+from helpers.data import DEFAULTS as DATA_DEFAULTS
 from helpers.data import ShapesStream, make_split
 from helpers.evaluation import evaluate, summary, unwrap
 from helpers.lora import apply_lora, freeze_vision, merge_lora
-from helpers.profiles import settings
+from helpers.profiles import SFTSettings, as_plain, settings
 from helpers.qwen import course_config, init_logit_scale, load_model, load_processor, parameter_count
 from helpers.sft import _dist, train
 
 
-def recipe(profile: str | None = None, model: str | os.PathLike | None = None, overrides: dict | None = None) -> dict:
-    """The SFT settings in force, flat: what ``run_profile`` and notebook 10 train with.
+@dataclass(frozen=True)
+class Recipe(SFTSettings):
+    """The SFT settings in force: the profile's ``sft`` section, with what a checkpoint changes."""
+
+    kind: str = "course model"        # or "checkpoint"
+    model_path: str | None = None     # the checkpoint (None: the course model)
+    method: str = "full"              # "lora" or "full"
+    lora_r: int | None = None
+    lora_alpha: int | None = None
+    freeze_vision: bool = False
+    train_merger: bool = False
+
+
+def recipe(profile: str | None = None, model: str | os.PathLike | None = None, overrides: dict | None = None) -> Recipe:
+    """The SFT settings in force (a frozen ``Recipe``): what ``run_profile`` and notebook 10 train with.
 
     With no checkpoint (neither ``model`` nor ``$QWENVL_MODEL``) it is the ``sft`` section of the
     profile: the course model, trained from its random initialisation. With one, it is the
@@ -43,21 +59,24 @@ def recipe(profile: str | None = None, model: str | os.PathLike | None = None, o
     ``scripts/sft_ablation.py`` changes, one at a time, without touching the profile.
     """
     course = settings("sft", profile)
-    unknown = set(overrides or {}) - set(course)
+    values = {f.name: getattr(course, f.name) for f in dataclasses.fields(course)}
+    unknown = set(overrides or {}) - set(values)
     if unknown:
-        raise KeyError(f"unknown sft settings {sorted(unknown)}; known: {sorted(course)}")
+        raise KeyError(f"unknown sft settings {sorted(unknown)}; known: {sorted(values)}")
     for key, value in (overrides or {}).items():
-        course[key] = {**course[key], **value} if key in ("data", "model") else value
+        values[key] = dataclasses.replace(values[key], **value) if key in ("data", "model") else value
     path = model or os.environ.get("QWENVL_MODEL") or None
     if path is None:
-        return {**course, "kind": "course model", "model_path": None, "method": "full"}
+        return Recipe(**values)
     ckpt = settings("checkpoint", profile)
-    method = ckpt["method"]
-    if method not in ("lora", "full"):
-        raise ValueError(f"checkpoint method={method!r}: expected 'lora' or 'full'")
-    return {**course, **{k: v for k, v in ckpt.items() if k != "lr"}, "lr": ckpt["lr"][method],
-            "kind": "checkpoint", "model_path": str(path), "freeze_embeddings": False, "lr_scales": None,
-            "logit_scale_init": None, "embedding_std": None}
+    if ckpt.method not in ("lora", "full"):
+        raise ValueError(f"checkpoint method={ckpt.method!r}: expected 'lora' or 'full'")
+    return Recipe(**{**values, "steps": ckpt.steps, "batch_size": ckpt.batch_size, "grad_accum": ckpt.grad_accum,
+                     "warmup": ckpt.warmup, "max_seconds": ckpt.max_seconds,
+                     "lr": ckpt.lr_lora if ckpt.method == "lora" else ckpt.lr_full, "kind": "checkpoint",
+                     "model_path": str(path), "method": ckpt.method, "lora_r": ckpt.lora_r, "lora_alpha": ckpt.lora_alpha,
+                     "freeze_vision": ckpt.freeze_vision, "train_merger": ckpt.train_merger, "freeze_embeddings": False,
+                     "lr_scales": None, "logit_scale_init": None, "embedding_std": None})
 
 
 def model_for_profile(profile: str | None = None, device="cpu", model: str | os.PathLike | None = None,
@@ -66,17 +85,17 @@ def model_for_profile(profile: str | None = None, device="cpu", model: str | os.
     vision tower frozen) or the course model from ``course_config(**recipe['model'])``, with images
     limited to the data's size."""
     r = recipe(profile, model, overrides)
-    side = r["data"]["image_size"]
-    if r["kind"] == "checkpoint":
-        processor = load_processor(r["model_path"])
-        built = load_model(r["model_path"], device=device)
-        if r["method"] == "lora":
-            return apply_lora(built, r=r["lora_r"], alpha=r["lora_alpha"], train_merger=r["train_merger"]), processor
-        return (freeze_vision(built, train_merger=r["train_merger"]) if r["freeze_vision"] else built), processor
+    if r.kind == "checkpoint":
+        processor = load_processor(r.model_path)
+        built = load_model(r.model_path, device=device)
+        if r.method == "lora":
+            return apply_lora(built, r=r.lora_r, alpha=r.lora_alpha, train_merger=r.train_merger), processor
+        return (freeze_vision(built, train_merger=r.train_merger) if r.freeze_vision else built), processor
+    side = r.data.image_size or DATA_DEFAULTS["image_size"]
     processor = load_processor(min_pixels=TOKEN_PIXELS, max_pixels=side * side)
-    built = load_model(config=course_config(**r["model"]), seed=r["seed"], device=device)
-    init_course_model(built, r["embedding_std"], r["logit_scale_init"], r["seed"])
-    if r.get("freeze_embeddings"):
+    built = load_model(config=course_config(**r.model), seed=r.seed, device=device)
+    init_course_model(built, r.embedding_std, r.logit_scale_init, r.seed)
+    if r.freeze_embeddings:
         unwrap(built).get_input_embeddings().weight.requires_grad_(False)
     return built, processor
 
@@ -99,7 +118,7 @@ def eval_splits(n: int | None = None, profile: str | None = None, seed: int = 0)
     """``n`` (default: the profile's ``n_eval``) questions each of val, test and ood, drawn with the
     profile's data options: what notebooks 10 and 11 score on."""
     s = settings("sft", profile)
-    return {split: make_split(split, n or s["n_eval"], seed, **s["data"]) for split in ("val", "test", "ood")}
+    return {split: make_split(split, n or s.n_eval, seed, **s.data) for split in ("val", "test", "ood")}
 
 
 def run_profile(profile: str | None = None, out=None, steps: int | None = None, progress: bool = True,
@@ -107,20 +126,20 @@ def run_profile(profile: str | None = None, out=None, steps: int | None = None, 
                 overrides: dict | None = None) -> dict:
     """Train as ``recipe`` says, save to ``out``, evaluate before and after on val/test/ood."""
     r = recipe(profile, model, overrides)
-    steps = steps or r["steps"]
+    steps = steps or r.steps
     rank, world = _dist()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     net, processor = model_for_profile(profile, model=model, overrides=overrides)
-    data = ShapesStream("train", r["n_train"], r["seed"], **r["data"])
-    evals = {split: make_split(split, r["n_eval"], 0, **r["data"]) for split in ("val", "test", "ood")} if evaluate_splits and rank == 0 else {}
+    data = ShapesStream("train", r.n_train, r.seed, **r.data)
+    evals = {split: make_split(split, r.n_eval, 0, **r.data) for split in ("val", "test", "ood")} if evaluate_splits and rank == 0 else {}
     net.to(device)
     before = {split: summary(evaluate(net, processor, smp)) for split, smp in evals.items()}
-    lora = r["method"] == "lora"
+    lora = r.method == "lora"
     t0 = time.perf_counter()
-    result = train(net, processor, data, steps=steps, batch_size=r["batch_size"], grad_accum=r["grad_accum"],
-                   lr=r["lr"], warmup=r["warmup"], lr_scales=r.get("lr_scales"), seed=r["seed"], average=r.get("average", "token"),
-                   num_workers=r["num_workers"] if device == "cuda" else 0, checkpoint_dir=None if lora else out,
-                   progress=progress, log=log, max_seconds=r.get("max_seconds"))
+    result = train(net, processor, data, steps=steps, batch_size=r.batch_size, grad_accum=r.grad_accum,
+                   lr=r.lr, warmup=r.warmup, lr_scales=r.lr_scales, seed=r.seed, average=r.average,
+                   num_workers=r.num_workers if device == "cuda" else 0, checkpoint_dir=None if lora else out,
+                   progress=progress, log=log, max_seconds=r.max_seconds)
     seconds = time.perf_counter() - t0
     if lora:
         result.model = merge_lora(result.model)
@@ -128,7 +147,7 @@ def run_profile(profile: str | None = None, out=None, steps: int | None = None, 
             checkpoints.save_checkpoint(out, result.model, processor, {"step": result.state["step"], "history": result.history})
     after = {split: evaluate(result.model, processor, smp) for split, smp in evals.items()}
     h = result.history
-    return {"recipe": {k: v for k, v in r.items()}, "steps": result.state["step"], "world": world, "train_seconds": seconds,
+    return {"recipe": as_plain(r), "steps": result.state["step"], "world": world, "train_seconds": seconds,
             "tokens_per_second": sum(h["tokens"]) / max(h["seconds"][-1], 1e-9) if h["seconds"] else 0.0,
             "parameters": parameter_count(unwrap(result.model)),
             "trainable": sum(p.numel() for p in unwrap(net).parameters() if p.requires_grad),

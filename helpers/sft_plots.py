@@ -107,8 +107,9 @@ _WIDGET_CACHE: dict = {}
 
 def _widget_batch():
     if "items" not in _WIDGET_CACHE:
-        processor = load_processor(min_pixels=TOKEN_PIXELS, max_pixels=settings("sft")["data"]["image_size"] ** 2)
-        samples = make_split("val", 6, 0, **settings("sft")["data"])
+        data = settings("sft").data
+        processor = load_processor(min_pixels=TOKEN_PIXELS, max_pixels=data.image_size ** 2)
+        samples = make_split("val", 6, 0, **data)
         _WIDGET_CACHE.update(processor=processor, samples=samples, items=encode_samples(processor, samples))
     return _WIDGET_CACHE
 

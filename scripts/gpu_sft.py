@@ -208,11 +208,11 @@ def gpu_report(out_dir, checkpoint_dir, smoke: bool = False) -> dict:
     del run
     try:  # our loop vs TRL on the same model, batches and loss
         s = recipe("cpu" if smoke else "gpu")
-        steps, batch_size = (4, 4) if smoke else (30, s["batch_size"])
-        samples = make_split("train", steps * batch_size, 5, **s["data"])
+        steps, batch_size = (4, 4) if smoke else (30, s.batch_size)
+        samples = make_split("train", steps * batch_size, 5, **s.data)
         metrics["loop_vs_trl"] = benchmark_loops(lambda: model_for_profile("cpu" if smoke else "gpu")[0], processor, samples,
                                                  steps=steps, skip=2 if smoke else 5, batch_size=batch_size,
-                                                 lr=s["lr"], lr_scales=s.get("lr_scales"))
+                                                 lr=s.lr, lr_scales=s.lr_scales)
         say(f"loop vs TRL: {metrics['loop_vs_trl']['ours_tokens_per_second']:.0f} vs "
             f"{metrics['loop_vs_trl']['trl_tokens_per_second']:.0f} tokens/s")
     except Exception as error:  # noqa: BLE001  (a missing TRL must not cost the other measurements)

@@ -51,7 +51,7 @@ def run_seed(profile: str, seed: int, steps: int | None, n_eval: int | None, trl
     n_eval = n_eval or cfg.n_eval
     start = sft_checkpoint(profile, progress=False)
     prompts = grpo.train_prompts(cfg, profile=profile)
-    data = settings("sft", profile)["data"]
+    data = settings("sft", profile).data
     questions = {split: make_split(split, n_eval, 0, **data) for split in ("test", "ood")}
     sharpen_on = [s for s in questions["test"] if s.task in cfg.tasks][:40]  # G samples each: 320 rollouts
     out = {"seed": seed, "arms": {}, "best_of_g": {}, "seconds": {}}

@@ -54,7 +54,7 @@ def run_variant(name: str, n_eval: int) -> dict:
     seconds = time.perf_counter() - start
     scored = {}
     for split in ("test", "ood"):
-        questions = make_split(split, n_eval, 0, **r["data"])  # seed 0: every variant meets the same questions
+        questions = make_split(split, n_eval, 0, **r.data)  # seed 0: every variant meets the same questions
         rows = score_table(evaluate(run["model"], run["processor"], questions), blind_baselines(questions))
         scored[split] = {row["task"]: {"score": round(row["score"], 4), "n": row["n"], "blind": round(row["blind"], 4),
                                        "p": row["p"]} for row in rows}

@@ -3,6 +3,7 @@ keys and labels, M-RoPE positions during training, our loss against transformers
 and what it refuses, LoRA and freezing counts, the checkpoint recipe, bad inputs, and the command
 line under torchrun (2 CPU processes)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ import transformers
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
-from helpers import checkpoints, lora, optim, recipes, sft
+from helpers import checkpoints, lora, optim, profiles, recipes, sft
 from helpers.chat import IGNORE_INDEX
 from helpers.data import make_split
 from helpers.qwen import SPECIAL_TOKENS, course_config, parameter_count, qwen25vl_3b_config
@@ -162,11 +163,14 @@ def test_profile_checkpoint_dir_follows_the_settings(monkeypatch):
 
     first = checkpoints.profile_checkpoint_dir("cpu")
     assert first == checkpoints.profile_checkpoint_dir("cpu") and first.name.startswith("sft-cpu-")
-    edited = profiles.settings("sft", "cpu")
-    edited["data"]["image_size"] = 999  # a copy: the profile and its folder stay as they were
-    assert checkpoints.profile_checkpoint_dir("cpu") == first
-    monkeypatch.setitem(profiles.PROFILES["cpu"]["sft"], "steps", 7)
+    current = profiles.settings("sft", "cpu")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        current.data.image_size = 999  # frozen: nobody edits the profile (or its folder name) in place
+    monkeypatch.setitem(profiles.PROFILES["cpu"], "sft", dataclasses.replace(current, steps=7))
     assert checkpoints.profile_checkpoint_dir("cpu") != first
+    same_values = dataclasses.replace(current, data=profiles.DataOptions(**current.data))  # equal values, new objects
+    monkeypatch.setitem(profiles.PROFILES["cpu"], "sft", same_values)
+    assert checkpoints.profile_checkpoint_dir("cpu") == first
 
 
 def test_the_early_sft_start_has_its_own_folder_and_is_trained_when_missing(monkeypatch, tmp_path, capsys):
@@ -180,7 +184,7 @@ def test_the_early_sft_start_has_its_own_folder_and_is_trained_when_missing(monk
             checkpoints.profile_checkpoint_dir("cpu", step=bad)
     monkeypatch.setenv("QWENVL_CACHE", str(tmp_path))
     monkeypatch.setitem(profiles.PROFILES["cpu"]["grpo"], "start_step", 2)
-    monkeypatch.setitem(profiles.PROFILES["cpu"]["sft"], "batch_size", 2)
+    monkeypatch.setitem(profiles.PROFILES["cpu"], "sft", dataclasses.replace(profiles.settings("sft", "cpu"), batch_size=2))
     path = checkpoints.sft_checkpoint("cpu", progress=False)
     assert "training it now" in capsys.readouterr().out and checkpoints.is_complete(path)
     assert json.loads((path / checkpoints.STATE_FILE).read_text())["step"] == 2
@@ -373,7 +377,18 @@ def test_sft_and_grpo_generation_paths_agree(processor):
 
 def test_course_recipe_has_no_learning_rate_factors():
     r = recipes.recipe("cpu")
-    assert r["kind"] == "course model" and r["model_path"] is None and not r["lr_scales"]
+    assert r.kind == "course model" and r.model_path is None and not r.lr_scales
+
+
+def test_recipe_overrides_leave_the_profile_alone():
+    """What scripts/sft_ablation.py varies: one setting, or one data option merged into the profile's."""
+    profile = profiles.settings("sft", "cpu")
+    r = recipes.recipe("cpu", overrides={"seed": 1, "data": {"position_cue": 0.0}})
+    assert (r.seed, r.data.position_cue, r.data.image_size) == (1, 0.0, profile.data.image_size)
+    assert profiles.settings("sft", "cpu") == profile and profile.data.position_cue is None
+    assert make_split("val", 3, 0, **r.data)[0].image.size == (profile.data.image_size,) * 2
+    with pytest.raises(KeyError, match="unknown sft settings \\['gamma'\\]"):
+        recipes.recipe("cpu", overrides={"gamma": 1})
 
 
 def test_course_model_starts_with_room_for_confident_logits():
@@ -408,17 +423,18 @@ def test_a_saved_checkpoint_gets_the_checkpoint_recipe(processor, tmp_path, monk
 
     checkpoints.save_checkpoint(tmp_path / "real", tiny_model(), processor, {"step": 0})
     monkeypatch.setenv("QWENVL_MODEL", str(tmp_path / "real"))
-    monkeypatch.setitem(profiles.PROFILES["cpu"]["checkpoint"], "method", method)
+    monkeypatch.setitem(profiles.PROFILES["cpu"], "checkpoint",
+                        dataclasses.replace(profiles.settings("checkpoint", "cpu"), method=method))
     r = recipes.recipe("cpu")
-    assert (r["kind"], r["method"], r["lr"], r["lr_scales"], r["freeze_embeddings"]) == ("checkpoint", method, lr, None, False)
-    assert r["logit_scale_init"] is None and r["embedding_std"] is None  # no from-scratch init on a checkpoint
+    assert (r.kind, r.method, r.lr, r.lr_scales, r.freeze_embeddings) == ("checkpoint", method, lr, None, False)
+    assert r.logit_scale_init is None and r.embedding_std is None  # no from-scratch init on a checkpoint
     model, loaded = recipes.model_for_profile("cpu")
     groups = lora.trainable_by_module(model)
     assert groups["vision: blocks"][0] == groups["vision: patch embed"][0] == 0
     if method == "lora":
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         assert names and all("lora_" in n or ".merger." in n for n in names)  # LoRA on the LM; the merger as the recipe says
-        assert (groups["vision: merger"][0] > 0) == r["train_merger"]
+        assert (groups["vision: merger"][0] > 0) == r.train_merger
     else:
         assert groups["vision: merger"][0] == groups["vision: merger"][1] and groups["LM: decoder layers"][0] > 0
         assert groups["LM: embeddings (= tied head)"][0] == groups["LM: embeddings (= tied head)"][1]
