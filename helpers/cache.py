@@ -1,6 +1,6 @@
 """The course cache: where it lives, and how a cached folder is written and trusted (notebook 00).
 
-The converted tokenizer (``helpers.qwen.build_tokenizer``), the generated clips
+The converted tokenizer (``helpers.tokenizer.build_tokenizer``), the generated clips
 (``helpers.video.synthetic_video``) and the cached SFT runs (``helpers.checkpoints``) live under
 ``cache_dir()``. A cached folder is never trusted blindly:
 

@@ -17,7 +17,8 @@ import torch
 from helpers.boxes import box_to_resized, fenced_grounding_answer
 from helpers.constants import FACTOR
 from helpers.plots import COLOURS, new_figure
-from helpers.qwen import SPECIAL_TOKENS, load_processor
+from helpers.qwen import load_processor
+from helpers.tokenizer import SPECIAL_TOKENS
 from helpers.vision import FACE_BOX, course_photo, smart_resize
 from helpers.widgets import View, register_widget
 

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from helpers import rewards
-from helpers.qwen import SPECIAL_TOKENS
+from helpers.tokenizer import SPECIAL_TOKENS
 
 #: Longest answer (in tokens) each task can need; a grounding answer is about 30 tokens.
 MAX_NEW_TOKENS = {"count": 4, "attribute": 4, "grounding": 40}

@@ -35,7 +35,7 @@ import torch
 
 from helpers.chat import IGNORE_INDEX
 from helpers.plots import COLOURS, new_figure
-from helpers.qwen import SPECIAL_TOKENS
+from helpers.tokenizer import SPECIAL_TOKENS
 from helpers.rope import rope_index
 from helpers.widgets import View, register_widget
 

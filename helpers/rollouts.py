@@ -12,7 +12,7 @@ import torch
 
 from helpers import rewards as R
 from helpers.data import sample_messages
-from helpers.qwen import SPECIAL_TOKENS
+from helpers.tokenizer import SPECIAL_TOKENS
 
 IM_END = SPECIAL_TOKENS["<|im_end|>"]
 PAD = SPECIAL_TOKENS["<|endoftext|>"]

@@ -29,7 +29,7 @@ import torch
 
 from helpers.constants import FACTOR, MAX_PIXELS, MIN_PIXELS
 from helpers.plots import COLOURS, new_figure
-from helpers.qwen import SPECIAL_TOKENS
+from helpers.tokenizer import SPECIAL_TOKENS
 from helpers.vision import smart_resize
 from helpers.widgets import View, register_widget
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from helpers.constants import TOKEN_PIXELS
-from helpers.qwen import SPECIAL_TOKENS
+from helpers.tokenizer import SPECIAL_TOKENS
 from helpers.rope import IMAGE, IMAGE_TOKEN_ID, VIDEO, VIDEO_TOKEN_ID, VISION_END_ID, VISION_START_ID
 
 EXAMPLE_CASES = ("text only", "one image", "two images", "video", "image + video", "batch of 3, left padding")

@@ -27,13 +27,10 @@ same training outside the notebook; under ``torchrun --nproc_per_node N`` it run
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import helpers  # noqa: F401  (offline settings before transformers loads)
 
@@ -46,7 +43,7 @@ from helpers.chat import IGNORE_INDEX, assistant_loss_mask, labels_from_mask
 from helpers.data import Sample, sample_messages
 from helpers.evaluation import unwrap
 from helpers.packing import PackingCollator, token_count
-from helpers.qwen import SPECIAL_TOKENS
+from helpers.tokenizer import SPECIAL_TOKENS
 
 IMAGE_PAD = SPECIAL_TOKENS["<|image_pad|>"]
 PAD_ID = SPECIAL_TOKENS["<|endoftext|>"]

@@ -13,7 +13,8 @@ from helpers.constants import TOKEN_PIXELS
 from helpers.data import make_split
 from helpers.plots import COLOURS, new_figure
 from helpers.profiles import settings
-from helpers.qwen import SPECIAL_TOKENS, load_processor
+from helpers.qwen import load_processor
+from helpers.tokenizer import SPECIAL_TOKENS
 from helpers.rewards import parse_answer, score
 from helpers.sft import IMAGE_PAD, check_batch, encode_samples, pad_batch
 from helpers.widgets import View, register_widget

@@ -17,16 +17,13 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 from pathlib import Path
 
 import nbformat
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-# the browser suite's folders (tests/browser/labdriver.py reads the same variables)
-NOTEBOOK_DIR = Path(os.environ.get("COURSE_NOTEBOOK_DIR", REPO / "notebooks")).resolve()
-SCREENSHOTS = Path(os.environ.get("COURSE_SCREENSHOTS", REPO / "screenshots")).resolve()
+from labdriver import NOTEBOOK_DIR, SCREENSHOTS  # noqa: E402  (scripts/labdriver.py: the browser suite's folders)
 
 ASSETS = REPO / "assets" / "course_map"
 README = REPO / "README.md"

@@ -73,8 +73,7 @@ def time_widget(widget, repeats: int) -> dict:
 
 def browser_latency(notebook: str, presses: int) -> dict:
     """Key press → changed output, in JupyterLab in Chromium, on the first slider of ``notebook``."""
-    sys.path.insert(0, str(REPO / "tests" / "browser"))
-    from labdriver import NOTEBOOK_DIR, LabServer, Notebook, chromium
+    from labdriver import NOTEBOOK_DIR, LabServer, Notebook, chromium  # scripts/labdriver.py
 
     path = NOTEBOOK_DIR / f"{notebook}.ipynb"
     with LabServer(NOTEBOOK_DIR.parent) as server, chromium() as context:

@@ -9,7 +9,7 @@ from helpers import chat
 from helpers.boxes import parse_grounding
 from helpers.chat import (IGNORE_INDEX, assistant_loss_mask, course_processor, example_conversation,
                           expand_vision_pads, format_data, labels_from_mask, render_conversation)
-from helpers.qwen import SPECIAL_TOKENS
+from helpers.tokenizer import SPECIAL_TOKENS
 from helpers.vision import course_photo
 from helpers.widgets import REGISTRY, render
 

@@ -17,6 +17,7 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from helpers import qwen
+from helpers import tokenizer as kit
 
 TOOL_ANSWER = '<tool_call>\n{"name": "zoom", "arguments": {"box": [10, 20, 30, 40]}}\n</tool_call>'
 
@@ -37,8 +38,8 @@ def course():
 
 
 def test_recorded_template_is_the_published_one():
-    digest = hashlib.sha256(json.dumps(qwen.QWEN25VL_CHAT_TEMPLATE).encode()).hexdigest()
-    assert digest == qwen.QWEN25VL_CHAT_TEMPLATE_SHA256
+    digest = hashlib.sha256(json.dumps(kit.QWEN25VL_CHAT_TEMPLATE).encode()).hexdigest()
+    assert digest == kit.QWEN25VL_CHAT_TEMPLATE_SHA256
 
 
 def test_folder_holds_the_files_of_a_real_folder(folder):
@@ -58,7 +59,7 @@ def test_classes(real, course):
 
 
 def test_tokenizer_ids_and_flags(real, course):
-    wanted = {name: (token_id, name not in qwen.NOT_SPECIAL) for name, token_id in qwen.SPECIAL_TOKENS.items()}
+    wanted = {name: (token_id, name not in kit.NOT_SPECIAL) for name, token_id in kit.SPECIAL_TOKENS.items()}
     for processor in (real, course):
         tokenizer = processor.tokenizer
         assert {t.content: (i, t.special) for i, t in tokenizer.added_tokens_decoder.items()} == wanted
@@ -95,8 +96,8 @@ CONVERSATIONS = [
 @pytest.mark.parametrize("messages", CONVERSATIONS, ids=range(len(CONVERSATIONS)))
 @pytest.mark.parametrize("kwargs", [{}, {"add_generation_prompt": True}, {"add_vision_id": True}], ids=str)
 def test_templates_render_the_same(real, course, messages, kwargs):
-    assert real.chat_template == real.tokenizer.chat_template == qwen.QWEN25VL_CHAT_TEMPLATE
-    assert course.chat_template == course.tokenizer.chat_template == qwen.CHAT_TEMPLATE
+    assert real.chat_template == real.tokenizer.chat_template == kit.QWEN25VL_CHAT_TEMPLATE
+    assert course.chat_template == course.tokenizer.chat_template == kit.CHAT_TEMPLATE
     rendered = {processor.apply_chat_template(messages, tokenize=False, **kwargs) for processor in (real, course)}
     rendered |= {processor.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs) for processor in (real, course)}
     assert len(rendered) == 1

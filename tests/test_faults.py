@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from helpers import cache, checkpoints, optim, qwen, video
+from helpers import tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,7 +36,7 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("QWENVL_CACHE", str(root))
-        reference = qwen.build_tokenizer()
+        reference = tokenizer.build_tokenizer()
     (folder,) = [p for p in root.iterdir() if p.name.startswith("tokenizer-")]
     return root, folder, reference
 
@@ -70,7 +71,7 @@ def test_the_cache_holds_no_pickle_and_a_manifest_of_every_file(built):
 def test_a_warm_load_equals_the_cold_build(fresh_cache, caplog):
     folder, reference = fresh_cache
     with caplog.at_level(logging.WARNING, logger="helpers.cache"):
-        again = qwen.build_tokenizer()
+        again = tokenizer.build_tokenizer()
     assert same_tokenizer(again, reference) and not caplog.records
 
 
@@ -96,12 +97,12 @@ def test_a_damaged_cache_is_rebuilt_with_one_line_naming_the_file(fresh_cache, c
     folder, reference = fresh_cache
     fault(folder / file)
     with caplog.at_level(logging.WARNING, logger="helpers.cache"):
-        rebuilt = qwen.build_tokenizer()
+        rebuilt = tokenizer.build_tokenizer()
     assert len(caplog.records) == 1 and __import__("re").search(says, caplog.records[0].getMessage())
     assert same_tokenizer(rebuilt, reference) and cache.verify(folder) is None
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="helpers.cache"):
-        again = qwen.build_tokenizer()  # served from the repaired cache: no second rebuild
+        again = tokenizer.build_tokenizer()  # served from the repaired cache: no second rebuild
     assert same_tokenizer(again, reference) and not caplog.records
 
 
@@ -120,7 +121,7 @@ def test_a_planted_pickle_is_never_loaded(fresh_cache, caplog, tmp_path):
     marker = tmp_path / "code-ran"
     (folder / "tokenizer.pkl").write_bytes(pickle.dumps(Planted(marker)))
     with caplog.at_level(logging.WARNING, logger="helpers.cache"):
-        rebuilt = qwen.build_tokenizer()
+        rebuilt = tokenizer.build_tokenizer()
     assert not marker.exists() and "tokenizer.pkl is an unexpected file" in caplog.records[0].getMessage()
     assert not (folder / "tokenizer.pkl").exists() and same_tokenizer(rebuilt, reference)
 
@@ -130,7 +131,7 @@ def test_a_foreign_manifest_is_rebuilt(fresh_cache, caplog):
     manifest = json.loads((folder / "manifest.json").read_text())
     (folder / "manifest.json").write_text(json.dumps({**manifest, "source_sha256": "0" * 64}))
     with caplog.at_level(logging.WARNING, logger="helpers.cache"):
-        qwen.build_tokenizer()
+        tokenizer.build_tokenizer()
     assert "records source_sha256='000" in caplog.records[0].getMessage() and cache.verify(folder) is None
 
 
@@ -140,7 +141,7 @@ def test_debris_of_a_killed_build_is_removed_and_never_served(fresh_cache):
     shutil.copytree(folder, debris)
     (debris / "tokenizer.json").write_bytes(b"{")
     truncate(folder / "tokenizer.json")
-    assert same_tokenizer(qwen.build_tokenizer(), reference)
+    assert same_tokenizer(tokenizer.build_tokenizer(), reference)
     assert not debris.exists() and not list(folder.parent.glob(f".{folder.name}.old-*"))
 
 
@@ -158,12 +159,12 @@ def test_a_read_only_valid_cache_is_used_without_writing(fresh_cache, monkeypatc
 
     monkeypatch.setattr(cache, "publish", refuse)
     monkeypatch.setattr(cache, "writable_cache_dir", refuse)
-    assert same_tokenizer(qwen.build_tokenizer(), reference)
+    assert same_tokenizer(tokenizer.build_tokenizer(), reference)
 
 
 BUILD = textwrap.dedent("""
     import json, sys
-    from helpers.qwen import build_tokenizer
+    from helpers.tokenizer import build_tokenizer
     tokenizer = build_tokenizer()
     print(json.dumps(tokenizer("Hello <|im_start|> 12 ü").input_ids))
 """)
@@ -175,10 +176,10 @@ def test_two_processes_building_the_cache_at_once_both_succeed(tmp_path, built):
                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [run.communicate(timeout=300) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
-    assert outputs[0][0] == outputs[1][0] and json.loads(outputs[0][0])[2] == qwen.SPECIAL_TOKENS["<|im_start|>"]
+    assert outputs[0][0] == outputs[1][0] and json.loads(outputs[0][0])[2] == tokenizer.SPECIAL_TOKENS["<|im_start|>"]
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert cache.verify(folder) is None and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
-    assert same_tokenizer(qwen._load_tokenizer_files(folder), built[2])
+    assert same_tokenizer(tokenizer._load_tokenizer_files(folder), built[2])
 
 
 # --- the cached clip ------------------------------------------------------------------------------

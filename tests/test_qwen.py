@@ -12,6 +12,7 @@ from qwen_vl_utils import process_vision_info
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from helpers import qwen
+from helpers import tokenizer as kit
 from helpers.netguard import NetworkBlockedError
 
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -49,7 +50,7 @@ def test_special_token_table(tokenizer):
         "<|fim_prefix|>": 151659, "<|fim_middle|>": 151660, "<|fim_suffix|>": 151661,
         "<|fim_pad|>": 151662, "<|repo_name|>": 151663, "<|file_sep|>": 151664,
     }
-    assert qwen.SPECIAL_TOKENS == expected
+    assert kit.SPECIAL_TOKENS == expected
     for name, token_id in expected.items():
         assert tokenizer.convert_tokens_to_ids(name) == token_id
         assert tokenizer(name).input_ids == [token_id]  # never split into pieces
@@ -57,8 +58,8 @@ def test_special_token_table(tokenizer):
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
     # as in the checkpoint's tokenizer_config.json: 14 special, <tool_call> … <|file_sep|> not
     flags = {token.content: token.special for token in tokenizer.added_tokens_decoder.values()}
-    assert [name for name, special in flags.items() if not special] == list(qwen.NOT_SPECIAL)
-    assert list(qwen.NOT_SPECIAL) == [name for name, i in expected.items() if 151657 <= i <= 151664]
+    assert [name for name, special in flags.items() if not special] == list(kit.NOT_SPECIAL)
+    assert list(kit.NOT_SPECIAL) == [name for name, i in expected.items() if 151657 <= i <= 151664]
 
 
 TEXTS = [
@@ -72,10 +73,10 @@ TEXTS = [
 
 def test_tokenizer_matches_tiktoken_on_the_same_vocabulary(tokenizer):
     """Our converted BPE must tokenize exactly like tiktoken reading the same qwen.tiktoken."""
-    ranks = qwen.read_tiktoken_ranks(qwen.vocabulary_file())
+    ranks = kit.read_tiktoken_ranks(kit.vocabulary_file())
     reference = tiktoken.Encoding(
-        "qwen2.5", pat_str=qwen.PRETOKENIZE_PATTERN, mergeable_ranks=ranks,
-        special_tokens=dict(qwen.SPECIAL_TOKENS),
+        "qwen2.5", pat_str=kit.PRETOKENIZE_PATTERN, mergeable_ranks=ranks,
+        special_tokens=dict(kit.SPECIAL_TOKENS),
     )
     rng = np.random.default_rng(0)
     words = [w for t in TEXTS for w in t.split()]
@@ -91,7 +92,7 @@ def test_tokenizer_matches_tiktoken_on_the_same_vocabulary(tokenizer):
 def test_read_tiktoken_ranks_mirrors_tiktoken_loader():
     from tiktoken.load import load_tiktoken_bpe
 
-    assert qwen.read_tiktoken_ranks(qwen.vocabulary_file()) == load_tiktoken_bpe(str(qwen.vocabulary_file()))
+    assert kit.read_tiktoken_ranks(kit.vocabulary_file()) == load_tiktoken_bpe(str(kit.vocabulary_file()))
 
 
 def test_warm_load_processor_is_fast():
@@ -182,7 +183,7 @@ def test_seed_example_1092x1568(processor):
     assert inputs.input_ids.shape == (1, 1243)
     assert tuple(inputs.pixel_values.shape) == (4872, 1176)
     assert inputs.image_grid_thw.tolist() == [[1, 58, 84]]
-    assert (inputs.input_ids == qwen.SPECIAL_TOKENS["<|image_pad|>"]).sum() == 58 * 84 // 4
+    assert (inputs.input_ids == kit.SPECIAL_TOKENS["<|image_pad|>"]).sum() == 58 * 84 // 4
 
 
 def test_qwen25vl_3b_parameter_count():

@@ -18,11 +18,13 @@ Environment knobs (all optional):
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
 
 import pytest
 
-from labdriver import SCREENSHOTS, LabServer, chromium
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))  # the lab driver: scripts/labdriver.py
+from labdriver import SCREENSHOTS, LabServer, chromium  # noqa: E402
 
 BROWSER_DIR = Path(__file__).resolve().parent
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 #: The notebooks the suite opens (``COURSE_NOTEBOOK_DIR``; the server serves the folder above it).
 NOTEBOOK_DIR = Path(os.environ.get("COURSE_NOTEBOOK_DIR", REPO / "notebooks")).resolve()
 #: Where screenshots go (``COURSE_SCREENSHOTS``; ``screenshots/`` is ignored by git).
