@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from numbers import Integral, Real
-from typing import Sequence
 
 import numpy as np
 
@@ -48,8 +48,10 @@ def _check_box(box, size: tuple[int, int]) -> tuple[float, float, float, float]:
     x1, y1, x2, y2 = (float(v) for v in box)
     height, width = size
     if not (0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height):
-        raise ValueError(f"box={tuple(box)}: expected 0 ≤ x1 ≤ x2 ≤ {width} and 0 ≤ y1 ≤ y2 ≤ {height} "
-                         f"(pixels of an image of height {height}, width {width})")
+        raise ValueError(
+            f"box={tuple(box)}: expected 0 ≤ x1 ≤ x2 ≤ {width} and 0 ≤ y1 ≤ y2 ≤ {height} "
+            f"(pixels of an image of height {height}, width {width})"
+        )
     return x1, y1, x2, y2
 
 

@@ -54,18 +54,25 @@ def writable_cache_dir() -> Path:
     """``cache_dir()``, created if needed; a clear error naming ``QWENVL_CACHE`` when it is a file,
     lies under a file, or cannot be written."""
     path = cache_dir()
-    hint = (f"QWENVL_CACHE={os.environ['QWENVL_CACHE']!r}" if os.environ.get("QWENVL_CACHE")
-            else "the default cache (set QWENVL_CACHE to move it)")
+    hint = (
+        f"QWENVL_CACHE={os.environ['QWENVL_CACHE']!r}"
+        if os.environ.get("QWENVL_CACHE")
+        else "the default cache (set QWENVL_CACHE to move it)"
+    )
     if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"cache folder {str(path)!r} ({hint}) is a file; point QWENVL_CACHE at a "
-                                 "writable folder (it is created if missing)")
+        raise NotADirectoryError(
+            f"cache folder {str(path)!r} ({hint}) is a file; point QWENVL_CACHE at a "
+            "writable folder (it is created if missing)"
+        )
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
             pass
     except OSError as error:
-        raise PermissionError(f"cache folder {str(path)!r} ({hint}) is not writable ({type(error).__name__}: "
-                              f"{error.strerror}); point QWENVL_CACHE at a writable folder") from None
+        raise PermissionError(
+            f"cache folder {str(path)!r} ({hint}) is not writable ({type(error).__name__}: "
+            f"{error.strerror}); point QWENVL_CACHE at a writable folder"
+        ) from None
     return path
 
 
@@ -80,8 +87,11 @@ def _sha256(path: Path) -> str:
 def write_manifest(folder: str | os.PathLike, **about) -> dict:
     """Write ``manifest.json``: every file of ``folder`` (flat) with its size and SHA-256, plus ``about``."""
     folder = Path(folder)
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(folder.iterdir()) if p.name != MANIFEST}
+    files = {
+        p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.iterdir())
+        if p.name != MANIFEST
+    }
     manifest = {"files": files, **about}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest

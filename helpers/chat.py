@@ -10,7 +10,7 @@ is masked out.
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -69,14 +69,14 @@ def assistant_loss_mask(input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor
     role = ASSISTANT_HEADER[:2]  # <|im_start|>, "assistant"
     position = 0
     while position < len(values):
-        if tuple(values[position:position + 2]) == role:
+        if tuple(values[position : position + 2]) == role:
             start = position + 2
             if start < len(values) and values[start] == ASSISTANT_HEADER[2]:
                 start += 1  # the header's own newline, not merged with the answer
             end = start
             while end < len(values) and values[end] != IM_END:
                 end += 1
-            mask[start:min(end + 1, len(values))] = 1  # the answer and its <|im_end|> (if present)
+            mask[start : min(end + 1, len(values))] = 1  # the answer and its <|im_end|> (if present)
             position = end + 1
         else:
             position += 1
@@ -85,7 +85,9 @@ def assistant_loss_mask(input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor
 
 def labels_from_mask(input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``input_ids`` where ``mask`` is 1, ``IGNORE_INDEX`` elsewhere (the ``labels`` of a batch)."""
-    return torch.where(mask.bool(), torch.as_tensor(input_ids), torch.full_like(torch.as_tensor(input_ids), IGNORE_INDEX))
+    return torch.where(
+        mask.bool(), torch.as_tensor(input_ids), torch.full_like(torch.as_tensor(input_ids), IGNORE_INDEX)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,8 +118,9 @@ def check_messages(messages) -> None:
         for index, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind not in PART_TYPES:
-                raise ValueError(f"messages[{number}]['content'][{index}] has type {kind!r}; "
-                                 f"accepted: {', '.join(PART_TYPES)}")
+                raise ValueError(
+                    f"messages[{number}]['content'][{index}] has type {kind!r}; accepted: {', '.join(PART_TYPES)}"
+                )
             if kind == "text" and not isinstance(part.get("text"), str):
                 raise TypeError(f"messages[{number}]['content'][{index}]: a text part needs a string 'text'")
 
@@ -133,7 +136,7 @@ KINDS = ("text", "special", "image", "video", "pad")  # what a token is, for col
 
 
 def token_kind(token_id: int, pad_id: int | None = None) -> str:
-    """"image" / "video" for the vision pads, "pad" for padding, "special" for other special
+    """ "image" / "video" for the vision pads, "pad" for padding, "special" for other special
     tokens, "text" otherwise."""
     if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
         raise ValueError(f"token_id={token_id!r}: expected a token id, an integer ≥ 0")
@@ -146,8 +149,9 @@ def token_kind(token_id: int, pad_id: int | None = None) -> str:
     return "special" if token_id >= FIRST_SPECIAL else "text"
 
 
-def expand_vision_pads(input_ids: Sequence[int], image_tokens: Sequence[int] = (),
-                       video_tokens: Sequence[int] = ()) -> list[int]:
+def expand_vision_pads(
+    input_ids: Sequence[int], image_tokens: Sequence[int] = (), video_tokens: Sequence[int] = ()
+) -> list[int]:
     """Repeat the k-th ``<|image_pad|>`` ``image_tokens[k]`` times (videos likewise): what the
     processor does to the chat template's single placeholder (``Qwen2_5_VLProcessor.__call__``),
     with ``image_grid_thw.prod() // 4`` tokens per image. Raises if the counts do not match the
@@ -157,8 +161,10 @@ def expand_vision_pads(input_ids: Sequence[int], image_tokens: Sequence[int] = (
     for pad, counts, name in ((IMAGE_PAD, image_tokens, "image"), (VIDEO_PAD, video_tokens, "video")):
         found = ids.count(pad)
         if found != len(counts):
-            raise ValueError(f"the text has {found} <|{name}_pad|> placeholder(s) for {len(counts)} {name}(s); "
-                             f"need one placeholder per {name}")
+            raise ValueError(
+                f"the text has {found} <|{name}_pad|> placeholder(s) for {len(counts)} {name}(s); "
+                f"need one placeholder per {name}"
+            )
     images, videos, out = iter(image_tokens), iter(video_tokens), []
     for token in ids:
         if token == IMAGE_PAD:
@@ -190,8 +196,9 @@ def special_token_table(tokenizer) -> list[tuple[int, str]]:
 _CHIP_BACKGROUND = {"text": "#DCEBF7", "special": "#FBE3B5", "image": "#C9EDE0", "video": "#F3D9E9", "pad": "#E6E6E6"}
 
 
-def token_chips_html(input_ids: Sequence[int], tokenizer, mask: Sequence[int] | None = None,
-                     collapse: int = 4, pad_id: int | None = None) -> str:
+def token_chips_html(
+    input_ids: Sequence[int], tokenizer, mask: Sequence[int] | None = None, collapse: int = 4, pad_id: int | None = None
+) -> str:
     """Tokens as coloured chips (piece above, id below), coloured by kind; tokens with ``mask``
     1 (they carry loss) get a thick border in the loss colour. Runs of more than ``collapse`` equal
     vision or pad tokens are drawn as one chip "×n"."""
@@ -214,11 +221,14 @@ def token_chips_html(input_ids: Sequence[int], tokenizer, mask: Sequence[int] | 
         chips.append(
             f'<span style="display:inline-block;margin:1px;padding:0 3px;border-radius:3px;'
             f'background:{_CHIP_BACKGROUND[kind]};border:{border};font:11px monospace;text-align:center">'
-            f'{label}<br><span style="font-size:9px;color:#555">{token}</span></span>')
+            f'{label}<br><span style="font-size:9px;color:#555">{token}</span></span>'
+        )
         position += run
     legend = " ".join(f'<span style="background:{c};padding:0 4px">{k}</span>' for k, c in _CHIP_BACKGROUND.items())
-    return (f'<div style="line-height:1.1">{"".join(chips)}</div><div style="font:11px sans-serif">{legend} '
-            f'<span style="border:2px solid {COLOURS["loss"]};padding:0 4px">carries loss</span></div>')
+    return (
+        f'<div style="line-height:1.1">{"".join(chips)}</div><div style="font:11px sans-serif">{legend} '
+        f'<span style="border:2px solid {COLOURS["loss"]};padding:0 4px">carries loss</span></div>'
+    )
 
 
 def loss_mask_figure(input_ids, mask, pad_id: int | None = None, title: str = "", legend: bool = True):
@@ -244,7 +254,9 @@ def loss_mask_figure(input_ids, mask, pad_id: int | None = None, title: str = ""
     axis.set_xlabel("token position")
     axis.grid(False)
     if legend:
-        handles = [Patch(color=COLOURS[k], label=k) for k in KINDS] + [Patch(color=COLOURS["loss"], label="carries loss")]
+        handles = [Patch(color=COLOURS[k], label=k) for k in KINDS] + [
+            Patch(color=COLOURS["loss"], label="carries loss")
+        ]
         figure.legend(handles=handles, loc="outside upper center", ncols=6, fontsize=8)
     if title:
         axis.set_title(title)
@@ -274,7 +286,7 @@ def course_clip():
 
     frames = np.zeros((4, 56, 84, 3), dtype=np.uint8)
     for t in range(4):
-        frames[t, 10:30, 10 + 15 * t:30 + 15 * t] = (255, 200, 0)
+        frames[t, 10:30, 10 + 15 * t : 30 + 15 * t] = (255, 200, 0)
     return frames
 
 
@@ -286,20 +298,31 @@ def example_answer() -> str:
     return fenced_grounding_answer([(box_to_resized(FACE_BOX, original, resized), "face")])
 
 
-def example_conversation(user_text: str = EXAMPLE_QUESTION, system: bool = False, image: bool = True,
-                         video: bool = False, second_turn: bool = False, answer: bool = True) -> list[dict]:
+def example_conversation(
+    user_text: str = EXAMPLE_QUESTION,
+    system: bool = False,
+    image: bool = True,
+    video: bool = False,
+    second_turn: bool = False,
+    answer: bool = True,
+) -> list[dict]:
     """The conversation notebook 01 plays with: optional custom system turn, a user turn with the
     course photo and/or clip and ``user_text``, the assistant's grounding answer, optionally a
     second question and answer."""
-    user = ([{"type": "image", "image": course_photo()}] if image else []) + \
-           ([{"type": "video", "video": course_clip()}] if video else []) + [{"type": "text", "text": user_text}]
+    user = (
+        ([{"type": "image", "image": course_photo()}] if image else [])
+        + ([{"type": "video", "video": course_clip()}] if video else [])
+        + [{"type": "text", "text": user_text}]
+    )
     messages = [{"role": "system", "content": [{"type": "text", "text": EXAMPLE_SYSTEM}]}] if system else []
     messages.append({"role": "user", "content": user})
     if answer:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": example_answer()}]})
         if second_turn:
-            messages += [{"role": "user", "content": [{"type": "text", "text": SECOND_QUESTION}]},
-                         {"role": "assistant", "content": [{"type": "text", "text": SECOND_ANSWER}]}]
+            messages += [
+                {"role": "user", "content": [{"type": "text", "text": SECOND_QUESTION}]},
+                {"role": "assistant", "content": [{"type": "text", "text": SECOND_ANSWER}]},
+            ]
     return messages
 
 
@@ -344,9 +367,11 @@ def render_conversation(messages, add_generation_prompt: bool = False) -> tuple[
     processor = course_processor()
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     images, videos = vision_inputs(messages)
-    ids = expand_vision_pads(processor.tokenizer(text)["input_ids"],
-                             [visual_token_count("image", i) for i in images],
-                             [visual_token_count("video", v) for v in videos])
+    ids = expand_vision_pads(
+        processor.tokenizer(text)["input_ids"],
+        [visual_token_count("image", i) for i in images],
+        [visual_token_count("video", v) for v in videos],
+    )
     return text, ids, assistant_loss_mask(ids)
 
 
@@ -356,21 +381,39 @@ def after_last_header_mask(input_ids: Sequence[int]) -> torch.Tensor:
     values = list(input_ids)
     mask = torch.zeros(len(values), dtype=torch.long)
     header = len(ASSISTANT_HEADER)
-    starts = [p for p in range(len(values) - header + 1) if tuple(values[p:p + header]) == ASSISTANT_HEADER]
+    starts = [p for p in range(len(values) - header + 1) if tuple(values[p : p + header]) == ASSISTANT_HEADER]
     if starts:
-        mask[starts[-1] + header:] = 1
+        mask[starts[-1] + header :] = 1
     return mask
 
 
-_CONVERSATION_DEFAULTS = {"user_text": EXAMPLE_QUESTION, "system": False, "image": True, "video": False,
-                          "second_turn": False, "generation_prompt": False}
+_CONVERSATION_DEFAULTS = {
+    "user_text": EXAMPLE_QUESTION,
+    "system": False,
+    "image": True,
+    "video": False,
+    "second_turn": False,
+    "generation_prompt": False,
+}
 
 
-@register_widget("01_chat_template", _CONVERSATION_DEFAULTS,
-                 [{"system": True, "video": True, "second_turn": True}, {"image": False, "generation_prompt": True},
-                  {"user_text": "Describe this image in one sentence, please."}])
-def conversation_view(user_text: str = EXAMPLE_QUESTION, system: bool = False, image: bool = True,
-                      video: bool = False, second_turn: bool = False, generation_prompt: bool = False) -> View:
+@register_widget(
+    "01_chat_template",
+    _CONVERSATION_DEFAULTS,
+    [
+        {"system": True, "video": True, "second_turn": True},
+        {"image": False, "generation_prompt": True},
+        {"user_text": "Describe this image in one sentence, please."},
+    ],
+)
+def conversation_view(
+    user_text: str = EXAMPLE_QUESTION,
+    system: bool = False,
+    image: bool = True,
+    video: bool = False,
+    second_turn: bool = False,
+    generation_prompt: bool = False,
+) -> View:
     """Widget of 01: a conversation's switches → its prompt, token count, coloured tokens and mask."""
     import html as html_lib
 
@@ -379,14 +422,20 @@ def conversation_view(user_text: str = EXAMPLE_QUESTION, system: bool = False, i
     messages = example_conversation(user_text, system, image, video, second_turn)
     text, ids, mask = render_conversation(messages, add_generation_prompt=generation_prompt)
     trained = int(mask.sum())
-    warning = ("<p style='color:#D55E00'><b>Trap:</b> this conversation already holds the answer; the "
-               "generation prompt adds a dangling <code>&lt;|im_start|&gt;assistant↵</code> (3 tokens).</p>"
-               if generation_prompt else "")
+    warning = (
+        "<p style='color:#D55E00'><b>Trap:</b> this conversation already holds the answer; the "
+        "generation prompt adds a dangling <code>&lt;|im_start|&gt;assistant↵</code> (3 tokens).</p>"
+        if generation_prompt
+        else ""
+    )
     note = "" if system else " (no system message given: the template inserted the default one)"
-    html = (f"<b>{len(ids)} tokens</b> ({ids.count(IMAGE_PAD)} image pads, {ids.count(VIDEO_PAD)} video pads), "
-            f"<b>{trained}</b> carry loss{note}.{warning}"
-            f"<pre style='font-size:11px;white-space:pre-wrap'>{html_lib.escape(text)}</pre>"
-            + token_chips_html(ids, course_processor().tokenizer, mask))
+    html = (
+        f"<b>{len(ids)} tokens</b> ({ids.count(IMAGE_PAD)} image pads, {ids.count(VIDEO_PAD)} video pads), "
+        f"<b>{trained}</b> carry loss{note}.{warning}"
+        f"<pre style='font-size:11px;white-space:pre-wrap'>{html_lib.escape(text)}</pre>"
+        + token_chips_html(ids, course_processor().tokenizer, mask)
+    )
     figure = loss_mask_figure(ids, mask, legend=False)
-    return View(html=html, figure=figure, data={"text": text, "ids": ids, "mask": mask, "tokens": len(ids),
-                                                "trained": trained})
+    return View(
+        html=html, figure=figure, data={"text": text, "ids": ids, "mask": mask, "tokens": len(ids), "trained": trained}
+    )

@@ -32,8 +32,23 @@ WEIGHTS_FILE = "model.safetensors"
 def architecture(config) -> dict:
     """The config fields that make two checkpoints interchangeable."""
     text, vision = config.get_text_config().to_dict(), config.vision_config.to_dict()
-    keys_t = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size")
-    keys_v = ("hidden_size", "depth", "num_heads", "intermediate_size", "out_hidden_size", "patch_size", "spatial_merge_size")
+    keys_t = (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "vocab_size",
+    )
+    keys_v = (
+        "hidden_size",
+        "depth",
+        "num_heads",
+        "intermediate_size",
+        "out_hidden_size",
+        "patch_size",
+        "spatial_merge_size",
+    )
     return {**{f"text.{k}": text.get(k) for k in keys_t}, **{f"vision.{k}": vision.get(k) for k in keys_v}}
 
 
@@ -53,7 +68,9 @@ def save_checkpoint(directory, model, processor, state: dict | None = None, opti
     ``directory``, atomically: into a temporary sibling folder, then renamed over the old one."""
     directory = Path(directory)
     if hasattr(model, "merge_and_unload") and getattr(model, "peft_config", None):
-        raise ValueError("save a LoRA model with helpers.lora.merge_lora(model) first, so the checkpoint loads as a plain model")
+        raise ValueError(
+            "save a LoRA model with helpers.lora.merge_lora(model) first, so the checkpoint loads as a plain model"
+        )
     directory.parent.mkdir(parents=True, exist_ok=True)
     for debris in directory.parent.glob(f".{directory.name}.tmp-*"):  # staging folders of killed saves
         if not _alive(debris.name.rsplit(".tmp-", 1)[1].split("-")[0]):
@@ -131,8 +148,10 @@ def load_checkpoint(directory, expect_config=None, device="cpu", dtype=torch.flo
     missing or incomplete, ValueError if ``expect_config`` names another architecture."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist; train one with "
-                                f"helpers.sft.train(..., checkpoint_dir=...) or python -m helpers.sft --out DIR")
+        raise FileNotFoundError(
+            f"checkpoint directory {str(directory)!r} does not exist; train one with "
+            f"helpers.sft.train(..., checkpoint_dir=...) or python -m helpers.sft --out DIR"
+        )
     problem = weights_problem(directory)
     if problem is not None:
         raise FileNotFoundError(f"checkpoint directory {str(directory)!r} is not a complete save: {problem}")
@@ -148,8 +167,10 @@ def load_checkpoint(directory, expect_config=None, device="cpu", dtype=torch.flo
             have = architecture(AutoConfig.from_pretrained(directory, local_files_only=True))
         diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
         if diff:
-            raise ValueError(f"checkpoint {directory.name!r} is from another config: "
-                             + ", ".join(f"{k} = {a} there, {b} expected" for k, (a, b) in diff.items()))
+            raise ValueError(
+                f"checkpoint {directory.name!r} is from another config: "
+                + ", ".join(f"{k} = {a} there, {b} expected" for k, (a, b) in diff.items())
+            )
     model = load_model(directory, dtype=dtype, device=device)
     processor = load_processor(directory)
     return model, processor, state
@@ -159,7 +180,9 @@ def restore_optimizer(optimizer, directory) -> None:
     """Load the AdamW moments saved beside a checkpoint into ``optimizer`` (same parameter order)."""
     path = Path(directory) / OPTIMIZER_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{str(directory)!r} has no {OPTIMIZER_FILE}: it cannot be resumed (save with optimizer=...)")
+        raise FileNotFoundError(
+            f"{str(directory)!r} has no {OPTIMIZER_FILE}: it cannot be resumed (save with optimizer=...)"
+        )
     tensors = _checked_moments(path, optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     for key, value in tensors.items():
@@ -177,36 +200,52 @@ def _checked_moments(path: Path, optimizer) -> dict:
     for key, value in tensors.items():
         i, name = key.split(".", 1)
         if int(i) >= len(params) or (name != "step" and value.shape != params[int(i)].shape):
-            raise ValueError(f"{str(path)!r} holds moments for parameter {i} of shape {tuple(value.shape)}, but this "
-                             f"optimizer has {len(params)} parameters: the set of trainable parameters changed since the save")
+            raise ValueError(
+                f"{str(path)!r} holds moments for parameter {i} of shape {tuple(value.shape)}, but this "
+                f"optimizer has {len(params)} parameters: the set of trainable parameters changed since the save"
+            )
     return tensors
 
 
 def run_signature(model, steps, batch_size, grad_accum, lr, warmup) -> dict:
     """What a resumed run must share with the saved one (the schedule and the optimiser's parameters)."""
     trainable = [n for n, p in unwrap(model).named_parameters() if p.requires_grad]
-    return {"steps": steps, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr, "warmup": warmup,
-            "trainable": settings_digest(trainable)}
+    return {
+        "steps": steps,
+        "batch_size": batch_size,
+        "grad_accum": grad_accum,
+        "lr": lr,
+        "warmup": warmup,
+        "trainable": settings_digest(trainable),
+    }
 
 
 def resume(model, optimizer, directory, signature: dict) -> tuple[int, dict]:
     """Validate a checkpoint against this run, then load its weights and moments into ``model``."""
     directory = Path(directory)
     if not is_complete(directory) or not all((directory / f).is_file() for f in (STATE_FILE, OPTIMIZER_FILE)):
-        raise FileNotFoundError(f"{str(directory)!r} is not a complete resumable checkpoint (needs config.json, "
-                                f"{WEIGHTS_FILE}, {STATE_FILE} and {OPTIMIZER_FILE})")
+        raise FileNotFoundError(
+            f"{str(directory)!r} is not a complete resumable checkpoint (needs config.json, "
+            f"{WEIGHTS_FILE}, {STATE_FILE} and {OPTIMIZER_FILE})"
+        )
     loaded, _, state = load_checkpoint(directory, expect_config=unwrap(model).config)
     saved = state.get("signature")
     if not isinstance(saved, dict) or not isinstance(state.get("step"), int):
-        raise ValueError(f"cannot resume {str(directory)!r}: its {STATE_FILE} has no run signature or step "
-                         "(saved by another tool than helpers.sft.train)")
+        raise ValueError(
+            f"cannot resume {str(directory)!r}: its {STATE_FILE} has no run signature or step "
+            "(saved by another tool than helpers.sft.train)"
+        )
     diff = {k: (saved.get(k), v) for k, v in signature.items() if saved.get(k) != v}
     if diff:
-        raise ValueError(f"cannot resume {str(directory)!r}: " + ", ".join(
-            f"{k} = {a} there, {b} here" for k, (a, b) in diff.items()))
+        raise ValueError(
+            f"cannot resume {str(directory)!r}: "
+            + ", ".join(f"{k} = {a} there, {b} here" for k, (a, b) in diff.items())
+        )
     if state["step"] >= signature["steps"]:
-        raise ValueError(f"cannot resume {str(directory)!r}: it is at step {state['step']}, and steps={signature['steps']} "
-                         "leaves nothing to train; pass steps above it")
+        raise ValueError(
+            f"cannot resume {str(directory)!r}: it is at step {state['step']}, and steps={signature['steps']} "
+            "leaves nothing to train; pass steps above it"
+        )
     _checked_moments(directory / OPTIMIZER_FILE, optimizer)  # everything checked: now change the caller's model
     unwrap(model).load_state_dict(loaded.state_dict())
     restore_optimizer(optimizer, directory)
@@ -227,7 +266,9 @@ def profile_checkpoint_dir(profile: str | None = None, step: int | None = None) 
     name = current_profile(profile)
     if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 1):
         raise ValueError(f"step={step!r}: expected None or an integer ≥ 1")
-    return cache_dir() / (f"sft-{name}-{settings_digest(as_plain(settings('sft', name)))}" + (f"-step{step}" if step else ""))
+    return cache_dir() / (
+        f"sft-{name}-{settings_digest(as_plain(settings('sft', name)))}" + (f"-step{step}" if step else "")
+    )
 
 
 def sft_checkpoint(profile: str | None = None, directory=None, progress: bool = True) -> Path:
@@ -236,8 +277,8 @@ def sft_checkpoint(profile: str | None = None, directory=None, progress: bool = 
     there at that step). When it is missing or incomplete, says so and trains it (the profile's SFT
     run, stopped at ``start_step``: about a minute on a CPU)."""
     from helpers import recipes
-    from helpers.grpo import GRPOSettings
     from helpers.data import ShapesStream
+    from helpers.grpo import GRPOSettings
     from helpers.profiles import current_profile
     from helpers.sft import train as sft_train
 
@@ -245,11 +286,25 @@ def sft_checkpoint(profile: str | None = None, directory=None, progress: bool = 
     step = GRPOSettings.from_profile(name).start_step
     path = Path(directory) if directory is not None else profile_checkpoint_dir(name, step=step)
     if not is_complete(path):
-        print(f"no complete SFT checkpoint at {path.name!r}: notebook 10 saves it there when it runs; "
-              f"training it now (the {name} SFT profile, stopped at step {step})")
+        print(
+            f"no complete SFT checkpoint at {path.name!r}: notebook 10 saves it there when it runs; "
+            f"training it now (the {name} SFT profile, stopped at step {step})"
+        )
         r = recipes.recipe(name, model=None)
         model, processor = recipes.model_for_profile(name, model=None)
         data = ShapesStream("train", r.n_train, r.seed, **r.data)
-        sft_train(model, processor, data, steps=r.steps, stop_at=step, batch_size=r.batch_size, lr=r.lr,
-                  warmup=r.warmup, seed=r.seed, average=r.average, checkpoint_dir=path, progress=progress)
+        sft_train(
+            model,
+            processor,
+            data,
+            steps=r.steps,
+            stop_at=step,
+            batch_size=r.batch_size,
+            lr=r.lr,
+            warmup=r.warmup,
+            seed=r.seed,
+            average=r.average,
+            checkpoint_dir=path,
+            progress=progress,
+        )
     return path

@@ -61,13 +61,13 @@ CUE_LEVELS = 180
 HELD_OUT_PAIRS = (("red", "triangle"), ("blue", "circle"))
 
 DEFAULTS = dict(
-    image_size=112,          # pixels per side, a multiple of 28: a 4 × 4 grid of cells
+    image_size=112,  # pixels per side, a multiple of 28: a 4 × 4 grid of cells
     tasks=TASKS,
-    task_weights=None,       # None → equal shares, exactly (tasks take turns by index)
-    count_range=(1, 3),      # how many shapes of the asked kind a count question shows (every split)
-    max_distractors=2,       # other shapes besides the asked-about ones
-    shape_size=(20, 20),     # side of a shape in pixels, centred in its 28-px cell
-    position_cue=1.0,        # strength of the background tint by x and y (0 = plain background)
+    task_weights=None,  # None → equal shares, exactly (tasks take turns by index)
+    count_range=(1, 3),  # how many shapes of the asked kind a count question shows (every split)
+    max_distractors=2,  # other shapes besides the asked-about ones
+    shape_size=(20, 20),  # side of a shape in pixels, centred in its 28-px cell
+    position_cue=1.0,  # strength of the background tint by x and y (0 = plain background)
     colours=tuple(COLOURS),
 )
 
@@ -121,23 +121,31 @@ def _check_options(split: str, n: int, options: dict) -> dict:
     if opts["task_weights"] is not None:
         w = opts["task_weights"]
         if len(w) != len(opts["tasks"]) or min(w) < 0 or sum(w) <= 0:
-            raise ValueError(f"task_weights={w!r}: expected {len(opts['tasks'])} non-negative weights with a positive sum")
+            raise ValueError(
+                f"task_weights={w!r}: expected {len(opts['tasks'])} non-negative weights with a positive sum"
+            )
     low_size, high_size = opts["shape_size"]
     if not (_is_int(low_size) and _is_int(high_size)) or not 8 <= low_size <= high_size <= CELL - 2:
-        raise ValueError(f"shape_size={opts['shape_size']!r}: expected integers 8 ≤ low ≤ high ≤ {CELL - 2} "
-                         f"(pixels; a shape sits inside its {CELL}-px cell)")
+        raise ValueError(
+            f"shape_size={opts['shape_size']!r}: expected integers 8 ≤ low ≤ high ≤ {CELL - 2} "
+            f"(pixels; a shape sits inside its {CELL}-px cell)"
+        )
     cue = opts["position_cue"]
     if isinstance(cue, bool) or not isinstance(cue, (int, float)) or not 0 <= cue <= 1:
         raise ValueError(f"position_cue={cue!r}: expected a number in [0, 1] (0 = plain background)")
     capacity = grid_cells(size) ** 2
     low, high = opts["count_range"]
     if not (_is_int(low) and _is_int(high)) or not 1 <= low <= high <= capacity:
-        raise ValueError(f"count_range={opts['count_range']!r}: expected 1 ≤ low ≤ high ≤ {capacity} "
-                         f"(a {size}-px image has {capacity} cells of {CELL} px)")
+        raise ValueError(
+            f"count_range={opts['count_range']!r}: expected 1 ≤ low ≤ high ≤ {capacity} "
+            f"(a {size}-px image has {capacity} cells of {CELL} px)"
+        )
     d = opts["max_distractors"]
     if not _is_int(d) or d < 0 or high + d > capacity:
-        raise ValueError(f"max_distractors={d!r}: expected 0 ≤ d ≤ {capacity - high} "
-                         f"(count_range top + distractors ≤ {capacity} cells)")
+        raise ValueError(
+            f"max_distractors={d!r}: expected 0 ≤ d ≤ {capacity - high} "
+            f"(count_range top + distractors ≤ {capacity} cells)"
+        )
     return opts
 
 
@@ -195,18 +203,20 @@ def _make_one(rng, task: str, split: str, opts: dict) -> tuple[str, str, object,
     elif task == "attribute":  # the only one of its shape: distractors are other shapes
         asked, others = [(colour, shape)], [p for p in seen if p[1] != shape]
         question = f"What colour is the {shape}?"
-    else:                      # the only one of its colour-and-shape
+    else:  # the only one of its colour-and-shape
         asked, others = [(colour, shape)], [p for p in seen if p != (colour, shape)]
         question = f"Where is the {colour} {shape}?"
     n_other = int(rng.integers(0, opts["max_distractors"] + 1))
     kinds = asked + [others[i] for i in rng.integers(len(others), size=n_other)]
     per_side = grid_cells(opts["image_size"])
-    cells = rng.permutation(per_side * per_side)[:len(kinds)]
+    cells = rng.permutation(per_side * per_side)[: len(kinds)]
     low, high = opts["shape_size"]
     shapes = []
     for (c, s), cell in zip(kinds, cells):
         where = (int(cell) // per_side, int(cell) % per_side)
-        shapes.append({"colour": c, "shape": s, "cell": where, "bbox": cell_box(where, int(rng.integers(low, high + 1)))})
+        shapes.append(
+            {"colour": c, "shape": s, "cell": where, "bbox": cell_box(where, int(rng.integers(low, high + 1)))}
+        )
     if task == "count":
         return question, str(len(asked)), len(asked), shapes
     if task == "attribute":

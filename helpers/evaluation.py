@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -40,8 +40,14 @@ def unwrap(model):
 
 
 @torch.no_grad()
-def generate_answers(model, processor, samples: Sequence, batch_size: int = 32, max_new_tokens: int | None = None,
-                     bf16: bool | None = None) -> list[str]:
+def generate_answers(
+    model,
+    processor,
+    samples: Sequence,
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
+    bf16: bool | None = None,
+) -> list[str]:
     """Greedy answers (``model.generate``, left padding, stop at ``<|im_end|>``), in sample order."""
     from helpers.sft import SFTCollator
 
@@ -53,14 +59,19 @@ def generate_answers(model, processor, samples: Sequence, batch_size: int = 32, 
     collator = SFTCollator(processor, with_answer=False, side="left")
     answers = []
     for lo in range(0, len(samples), batch_size):
-        chunk = samples[lo:lo + batch_size]
+        chunk = samples[lo : lo + batch_size]
         batch = collator(chunk)
         batch.pop("labels")
         new = max_new_tokens or max(MAX_NEW_TOKENS[s.task] for s in chunk)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = base.generate(**{k: v.to(device) for k, v in batch.items()}, max_new_tokens=new, do_sample=False,
-                                eos_token_id=SPECIAL_TOKENS["<|im_end|>"], pad_token_id=PAD_ID)
-        answers += processor.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            out = base.generate(
+                **{k: v.to(device) for k, v in batch.items()},
+                max_new_tokens=new,
+                do_sample=False,
+                eos_token_id=SPECIAL_TOKENS["<|im_end|>"],
+                pad_token_id=PAD_ID,
+            )
+        answers += processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     return answers
 
 
@@ -73,8 +84,13 @@ def score_answers(samples: Sequence, answers: Sequence[str]) -> dict:
         rows = [(s, a) for s, a in zip(samples, answers) if s.task == task]
         scores = [float(rewards.score(task, a, s.target)) for s, a in rows]
         formats = rewards.format_reward([a for _, a in rows], task=[task] * len(rows))
-        result[task] = {"score": sum(scores) / len(scores), "n": len(rows), "scores": scores,
-                        "format": sum(formats) / len(formats), "predictions": [a for _, a in rows]}
+        result[task] = {
+            "score": sum(scores) / len(scores),
+            "n": len(rows),
+            "scores": scores,
+            "format": sum(formats) / len(formats),
+            "predictions": [a for _, a in rows],
+        }
     return result
 
 
@@ -96,9 +112,11 @@ def evaluate(model, processor, samples: Sequence, batch_size: int = 32) -> dict:
 def summary(result: dict) -> dict:
     """``{task: score}`` plus ``"score"`` (mean over every question) and ``"format"`` (share parsable)."""
     n = sum(r["n"] for r in result.values())
-    return {**{task: r["score"] for task, r in result.items()},
-            "score": sum(r["score"] * r["n"] for r in result.values()) / n,
-            "format": sum(r["format"] * r["n"] for r in result.values()) / n}
+    return {
+        **{task: r["score"] for task, r in result.items()},
+        "score": sum(r["score"] * r["n"] for r in result.values()) / n,
+        "format": sum(r["format"] * r["n"] for r in result.values()) / n,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,8 +177,10 @@ def binomial_p_value(hits: int, n: int, p0: float) -> float:
         raise ValueError(f"p0={p0!r}: expected a probability in [0, 1]")
     if p0 in (0.0, 1.0):
         return float(hits == 0) if p0 == 0 else 1.0
-    logs = [math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p0) + (n - k) * math.log1p(-p0)
-            for k in range(hits, n + 1)]
+    logs = [
+        math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p0) + (n - k) * math.log1p(-p0)
+        for k in range(hits, n + 1)
+    ]
     top = max(logs)
     return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
 
@@ -199,6 +219,15 @@ def score_table(result: dict, baselines: dict) -> list[dict]:
             hits = round(sum(r["scores"]))
             low, high = wilson_interval(hits, r["n"])
             p_value = binomial_p_value(hits, r["n"], base["score"])
-        rows.append({"task": task, "n": r["n"], "score": r["score"], "blind": base["score"],
-                     "low": low, "high": high, "p": p_value})
+        rows.append(
+            {
+                "task": task,
+                "n": r["n"],
+                "score": r["score"],
+                "blind": base["score"],
+                "low": low,
+                "high": high,
+                "p": p_value,
+            }
+        )
     return rows

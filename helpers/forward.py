@@ -47,8 +47,9 @@ def visual_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -
     return model.model.visual(pixel_values.to(model.model.visual.dtype), grid_thw=grid_thw).pooler_output
 
 
-def scatter_visual(embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor,
-                   token_id: int = IMAGE_TOKEN_ID) -> torch.Tensor:
+def scatter_visual(
+    embeds: torch.Tensor, input_ids: torch.Tensor, features: torch.Tensor, token_id: int = IMAGE_TOKEN_ID
+) -> torch.Tensor:
     """Put feature row k into the k-th ``token_id`` slot (row-major over the batch).
 
     Mirrors ``get_placeholder_mask`` + ``inputs_embeds.masked_scatter``; raises ValueError, like the
@@ -56,8 +57,10 @@ def scatter_visual(embeds: torch.Tensor, input_ids: torch.Tensor, features: torc
     """
     slots = input_ids == token_id
     if int(slots.sum()) != features.shape[0]:
-        raise ValueError(f"{int(slots.sum())} pad tokens (id {token_id}) but {features.shape[0]} feature rows; "
-                         "each image/video needs exactly grid_thw.prod() // 4 pads")
+        raise ValueError(
+            f"{int(slots.sum())} pad tokens (id {token_id}) but {features.shape[0]} feature rows; "
+            "each image/video needs exactly grid_thw.prod() // 4 pads"
+        )
     out = embeds.clone()
     out[slots] = features.to(out.dtype)
     return out
@@ -69,15 +72,15 @@ def attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, past:
     with eager attention."""
     batch, length, _ = x.shape
     d = attn.head_dim
-    q = attn.q_proj(x).view(batch, length, -1, d).transpose(1, 2)   # (B, heads, L, d)
-    k = attn.k_proj(x).view(batch, length, -1, d).transpose(1, 2)   # (B, kv_heads, L, d)
+    q = attn.q_proj(x).view(batch, length, -1, d).transpose(1, 2)  # (B, heads, L, d)
+    k = attn.k_proj(x).view(batch, length, -1, d).transpose(1, 2)  # (B, kv_heads, L, d)
     v = attn.v_proj(x).view(batch, length, -1, d).transpose(1, 2)
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)      # RoPE: (B, L, d) angles per head
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # RoPE: (B, L, d) angles per head
     if past is not None:
         k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # (B, kv_heads, past + L, d)
-    group = q.shape[1] // k.shape[1]                                 # query heads per kv head
+    group = q.shape[1] // k.shape[1]  # query heads per kv head
     keys, values = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = q @ keys.transpose(2, 3) * d ** -0.5                   # (B, heads, L, past + L)
+    scores = q @ keys.transpose(2, 3) * d**-0.5  # (B, heads, L, past + L)
     offset = keys.shape[2] - length
     causal = torch.ones(length, keys.shape[2], dtype=torch.bool).tril(diagonal=offset)
     scores = scores.masked_fill(~causal, float("-inf"))
@@ -132,9 +135,18 @@ class Steps:
     cache: list = field(default_factory=list)
 
 
-def forward_step_by_step(model, input_ids, pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-                         video_grid_thw=None, second_per_grid_ts=None, attention_mask=None, last_only: bool = False,
-                         **_ignored) -> Steps:
+def forward_step_by_step(
+    model,
+    input_ids,
+    pixel_values=None,
+    image_grid_thw=None,
+    pixel_values_videos=None,
+    video_grid_thw=None,
+    second_per_grid_ts=None,
+    attention_mask=None,
+    last_only: bool = False,
+    **_ignored,
+) -> Steps:
     """``model(**inputs)`` re-done from the model's weights, keeping each step (mirrors
     ``Qwen2_5_VLForConditionalGeneration.forward`` without a cache). Sequences without padding only:
     a batch with padding raises ValueError. ``last_only``: logits of the last position only (what
@@ -142,7 +154,7 @@ def forward_step_by_step(model, input_ids, pixel_values=None, image_grid_thw=Non
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError("forward_step_by_step handles unpadded sequences only; attention_mask has zeros")
     with torch.no_grad():
-        token_embeds = embed_tokens(model, input_ids)                      # (B, L, hidden)
+        token_embeds = embed_tokens(model, input_ids)  # (B, L, hidden)
         embeds, image_feats, video_feats = token_embeds, None, None
         if pixel_values is not None:
             image_feats = visual_features(model, pixel_values, image_grid_thw)  # (image tokens, hidden)
@@ -151,9 +163,14 @@ def forward_step_by_step(model, input_ids, pixel_values=None, image_grid_thw=Non
             video_feats = visual_features(model, pixel_values_videos, video_grid_thw)
             embeds = scatter_visual(embeds, input_ids, video_feats, VIDEO_TOKEN_ID)
         vision = model.config.vision_config
-        position_ids, deltas = rope_index(input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts,
-                                          spatial_merge_size=vision.spatial_merge_size,
-                                          tokens_per_second=vision.tokens_per_second)  # (3, B, L)
+        position_ids, deltas = rope_index(
+            input_ids,
+            image_grid_thw,
+            video_grid_thw,
+            second_per_grid_ts,
+            spatial_merge_size=vision.spatial_merge_size,
+            tokens_per_second=vision.tokens_per_second,
+        )  # (3, B, L)
         hidden, cache = decoder(model, embeds, position_ids)
         logits = logits_from_hidden(model, hidden[:, -1:] if last_only else hidden)
     return Steps(token_embeds, image_feats, video_feats, embeds, position_ids, deltas, hidden, logits, cache)
@@ -165,11 +182,23 @@ def plot_stage_norms(steps: Steps, input_ids: torch.Tensor):
     figure, ax = new_figure(width=7.5, height=2.8)
     x = np.arange(input_ids.shape[1])
     image = (input_ids[0] == IMAGE_TOKEN_ID).numpy()
-    ax.fill_between(x, 0, 1, where=image, transform=ax.get_xaxis_transform(), color=COLOURS["image"], alpha=0.12,
-                    step="mid", linewidth=0, label="<|image_pad|> slots")
-    for tensor, colour, label in ((steps.token_embeds, COLOURS["pad"], "token embeddings"),
-                                  (steps.inputs_embeds, COLOURS["image"], "after the scatter"),
-                                  (steps.hidden, COLOURS["text"], "final hidden (normed)")):
+    ax.fill_between(
+        x,
+        0,
+        1,
+        where=image,
+        transform=ax.get_xaxis_transform(),
+        color=COLOURS["image"],
+        alpha=0.12,
+        step="mid",
+        linewidth=0,
+        label="<|image_pad|> slots",
+    )
+    for tensor, colour, label in (
+        (steps.token_embeds, COLOURS["pad"], "token embeddings"),
+        (steps.inputs_embeds, COLOURS["image"], "after the scatter"),
+        (steps.hidden, COLOURS["text"], "final hidden (normed)"),
+    ):
         ax.plot(x, tensor[0].pow(2).mean(-1).sqrt().numpy(), color=colour, linewidth=1, label=label)
     ax.set_yscale("log")
     ax.set_xlabel("token index")
@@ -194,13 +223,13 @@ def greedy_generate(model, inputs: dict, max_new_tokens: int, eos_token_id: int 
     eos = set(eos) if isinstance(eos, (list, tuple)) else {eos}
     steps = forward_step_by_step(model, **inputs, last_only=True)
     cache, length, delta = steps.cache, inputs["input_ids"].shape[1], int(steps.rope_deltas)
-    logits = [steps.logits[:, -1]]                                       # (1, vocab) per step
-    tokens = [logits[-1].argmax(-1, keepdim=True)]                       # (1, 1) per step
+    logits = [steps.logits[:, -1]]  # (1, vocab) per step
+    tokens = [logits[-1].argmax(-1, keepdim=True)]  # (1, 1) per step
     with torch.no_grad():
         for k in range(1, max_new_tokens):
             if int(tokens[-1]) in eos:
                 break
-            position = torch.full((3, 1, 1), length + k - 1 + delta)     # (3, B, 1): text, all rows equal
+            position = torch.full((3, 1, 1), length + k - 1 + delta)  # (3, B, 1): text, all rows equal
             hidden, cache = decoder(model, embed_tokens(model, tokens[-1]), position, cache)
             logits.append(logits_from_hidden(model, hidden)[:, -1])
             tokens.append(logits[-1].argmax(-1, keepdim=True))
@@ -232,13 +261,16 @@ def cache_bytes(cache: list) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def visual_token_counts(input_ids: torch.Tensor, grid_thw: torch.Tensor, token_id: int = IMAGE_TOKEN_ID,
-                        merge_size: int = 2) -> tuple[int, int]:
+def visual_token_counts(
+    input_ids: torch.Tensor, grid_thw: torch.Tensor, token_id: int = IMAGE_TOKEN_ID, merge_size: int = 2
+) -> tuple[int, int]:
     """(pad tokens in ``input_ids``, tokens the grids need = Σ grid_thw.prod() // merge²)."""
-    return int((input_ids == token_id).sum()), int(grid_thw.prod(-1).sum()) // merge_size ** 2
+    return int((input_ids == token_id).sum()), int(grid_thw.prod(-1).sum()) // merge_size**2
 
 
-def truncate_safely(input_ids: torch.Tensor, max_length: int, token_ids=(IMAGE_TOKEN_ID, VIDEO_TOKEN_ID)) -> torch.Tensor:
+def truncate_safely(
+    input_ids: torch.Tensor, max_length: int, token_ids=(IMAGE_TOKEN_ID, VIDEO_TOKEN_ID)
+) -> torch.Tensor:
     """Keep the first ``max_length`` tokens of a (1, length) sequence, unless that cuts a visual run.
 
     The fix for "Image features and image tokens do not match": a cut inside (or before the end of)
@@ -252,9 +284,11 @@ def truncate_safely(input_ids: torch.Tensor, max_length: int, token_ids=(IMAGE_T
     if not visual[max_length:].any():
         return input_ids[:, :max_length]
     last = int(torch.nonzero(visual).max()) + 1
-    raise ValueError(f"max_length={max_length} would cut {int(visual[max_length:].sum())} of {int(visual.sum())} "
-                     f"visual pad tokens; keep max_length ≥ {last + 1} (through <|vision_end|>), drop the example, "
-                     "or lower max_pixels")
+    raise ValueError(
+        f"max_length={max_length} would cut {int(visual[max_length:].sum())} of {int(visual.sum())} "
+        f"visual pad tokens; keep max_length ≥ {last + 1} (through <|vision_end|>), drop the example, "
+        "or lower max_pixels"
+    )
 
 
 def generate_batch(model, processor, texts: list[str], images: list, padding_side: str, max_new_tokens: int = 6):
@@ -268,7 +302,7 @@ def generate_batch(model, processor, texts: list[str], images: list, padding_sid
         processor.tokenizer.padding_side = "left"
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, min_new_tokens=max_new_tokens)
-    return [row.tolist() for row in out[:, batch["input_ids"].shape[1]:]]
+    return [row.tolist() for row in out[:, batch["input_ids"].shape[1] :]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +326,9 @@ def parameters_by_module(model) -> dict[str, int]:
         "text: embeddings (= lm_head, tied)": count(text.embed_tokens),
         "text: attention": sum(count(layer.self_attn) for layer in text.layers),
         "text: MLP": sum(count(layer.mlp) for layer in text.layers),
-        "text: norms": sum(count(layer.input_layernorm) + count(layer.post_attention_layernorm) for layer in text.layers)
+        "text: norms": sum(
+            count(layer.input_layernorm) + count(layer.post_attention_layernorm) for layer in text.layers
+        )
         + count(text.norm),
     }
     if model.lm_head.weight is not text.embed_tokens.weight:
@@ -318,8 +354,10 @@ def image_memory(config, tokens: int, dtype: torch.dtype = torch.bfloat16) -> di
     the score matrix of one full-attention vision block if attention is computed eagerly
     (heads × patches² where patches = 4 × tokens). Flash/SDPA kernels avoid the latter."""
     patches = 4 * tokens
-    return {"kv_cache": tokens * kv_cache_bytes_per_token(config.text_config, dtype),
-            "vision_scores_eager": config.vision_config.num_heads * patches ** 2 * BYTES[dtype]}
+    return {
+        "kv_cache": tokens * kv_cache_bytes_per_token(config.text_config, dtype),
+        "vision_scores_eager": config.vision_config.num_heads * patches**2 * BYTES[dtype],
+    }
 
 
 def plot_memory_vs_image_size(config, weights: int, sides=None, max_pixels: int = MAX_PIXELS):
@@ -327,7 +365,7 @@ def plot_memory_vs_image_size(config, weights: int, sides=None, max_pixels: int 
     sides = np.asarray(sides if sides is not None else np.linspace(224, 4480, 40), dtype=int)
     tokens = np.array([visual_tokens(s, s, max_pixels=max_pixels) for s in sides])
     parts = [image_memory(config, int(t)) for t in tokens]
-    gib = 2 ** 30
+    gib = 2**30
     kv = np.array([p["kv_cache"] for p in parts]) / gib
     scores = np.array([p["vision_scores_eager"] for p in parts]) / gib
     figure, (left, right) = new_figure(2, 1, width=9, height=3.2)
@@ -363,8 +401,11 @@ def _three_b():
     return _BUDGET_CONFIG
 
 
-@register_widget("09_forward_generate", _budget_defaults,
-                 [{"height": 2000, "width": 3000}, {"max_tokens": 256, "images": 4}, {"height": 28, "width": 5000}])
+@register_widget(
+    "09_forward_generate",
+    _budget_defaults,
+    [{"height": 2000, "width": 3000}, {"max_tokens": 256, "images": 4}, {"height": 28, "width": 5000}],
+)
 def budget_view(height: int = 600, width: int = 512, max_tokens: int = 16384, images: int = 1) -> View:
     """The 3B's inference memory for ``images`` images of height×width with ``max_pixels = max_tokens ×
     28²`` (per image): visual tokens, KV cache, eager vision scores, against the bf16 weights."""
@@ -373,22 +414,26 @@ def budget_view(height: int = 600, width: int = 512, max_tokens: int = 16384, im
     config, weights = _three_b()
     tokens = visual_tokens(height, width, max_pixels=int(max_tokens) * TOKEN_PIXELS)
     memory = image_memory(config, tokens)
-    mib = 2 ** 20
-    bars = {"bf16 weights": weights / mib, "KV cache": images * memory["kv_cache"] / mib,
-            "eager vision scores": memory["vision_scores_eager"] / mib}
+    mib = 2**20
+    bars = {
+        "bf16 weights": weights / mib,
+        "KV cache": images * memory["kv_cache"] / mib,
+        "eager vision scores": memory["vision_scores_eager"] / mib,
+    }
     figure, ax = new_figure(width=6.0, height=2.2)
     ax.barh(list(bars), list(bars.values()), color=[COLOURS["pad"], COLOURS["text"], COLOURS["loss"]])
     ax.set_xscale("log")
     ax.set_xlabel("MiB (log)")
     for y, value in enumerate(bars.values()):
         ax.text(value, y, f" {value:,.0f}", va="center", fontsize=8)
-    text = (f"{images} image(s) of {height}×{width}, max_pixels = {max_tokens} × 28² → {tokens} visual tokens each, "
-            f"{images * tokens} in the sample\nKV cache {images * memory['kv_cache'] / mib:,.1f} MiB; one eager "
-            f"full-attention vision block's scores {memory['vision_scores_eager'] / mib:,.1f} MiB (one image at a time)")
+    text = (
+        f"{images} image(s) of {height}×{width}, max_pixels = {max_tokens} × 28² → {tokens} visual tokens each, "
+        f"{images * tokens} in the sample\nKV cache {images * memory['kv_cache'] / mib:,.1f} MiB; one eager "
+        f"full-attention vision block's scores {memory['vision_scores_eager'] / mib:,.1f} MiB (one image at a time)"
+    )
     return View(text=text, figure=figure, data={"tokens": tokens, **{k: v for k, v in bars.items()}})
 
 
 def megapixel_tokens() -> float:
     """Visual tokens per megapixel: 1e6 / 28² (each token covers 28×28 pixels after resize)."""
     return 1e6 / TOKEN_PIXELS
-

@@ -29,9 +29,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -59,8 +59,8 @@ class GRPOSettings:
     n_prompts: int = 1024
     n_eval: int = 300
     eval_batch_size: int = 32
-    start_step: int = 150            # the SFT step GRPO starts from (notebook 10 saves it)
-    tasks: tuple = ("grounding",)    # which questions GRPO trains on
+    start_step: int = 150  # the SFT step GRPO starts from (notebook 10 saves it)
+    tasks: tuple = ("grounding",)  # which questions GRPO trains on
     seeds: tuple = (0, 1, 2)
     num_generations: int = 8
     temperature: float = 1.0
@@ -81,8 +81,16 @@ class GRPOSettings:
     freeze_embeddings: bool = True
 
     def __post_init__(self):
-        for name in ("steps", "prompts_per_step", "num_generations", "max_new_tokens", "num_iterations", "n_prompts",
-                     "eval_batch_size", "start_step"):
+        for name in (
+            "steps",
+            "prompts_per_step",
+            "num_generations",
+            "max_new_tokens",
+            "num_iterations",
+            "n_prompts",
+            "eval_batch_size",
+            "start_step",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r}: expected an integer ≥ 1")
@@ -96,14 +104,16 @@ class GRPOSettings:
             raise ValueError(f"tasks={self.tasks!r}: expected a non-empty subset of {TASKS}")
         unknown = set(self.reward_weights) - set(REWARD_FUNCTIONS)
         if unknown:
-            raise ValueError(f"unknown rewards {sorted(unknown)} in reward_weights; accepted: {sorted(REWARD_FUNCTIONS)}")
+            raise ValueError(
+                f"unknown rewards {sorted(unknown)} in reward_weights; accepted: {sorted(REWARD_FUNCTIONS)}"
+            )
 
-    def replace(self, **changes) -> "GRPOSettings":
+    def replace(self, **changes) -> GRPOSettings:
         """A copy with ``changes`` (validated again)."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_profile(cls, profile: str | None = None, **changes) -> "GRPOSettings":
+    def from_profile(cls, profile: str | None = None, **changes) -> GRPOSettings:
         """The ``grpo`` section of the profile in force (``helpers.profiles.settings``), with ``changes``."""
         from helpers.profiles import settings
 
@@ -123,21 +133,29 @@ def compute_rewards(texts: Sequence[str], tasks: Sequence[str], targets: Sequenc
     unknown = set(weights) - set(REWARD_FUNCTIONS)
     if unknown:
         raise ValueError(f"unknown rewards {sorted(unknown)}; accepted: {sorted(REWARD_FUNCTIONS)}")
-    out = {name: torch.tensor(REWARD_FUNCTIONS[name](completions=list(texts), task=list(tasks), target=list(targets)),
-                              dtype=torch.float32) for name in weights}
+    out = {
+        name: torch.tensor(
+            REWARD_FUNCTIONS[name](completions=list(texts), task=list(tasks), target=list(targets)), dtype=torch.float32
+        )
+        for name in weights
+    }
     out["total"] = sum(weights[name] * out[name] for name in weights)
     return out
 
 
-def group_advantages(rewards: torch.Tensor, num_generations: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, num_generations: int, scale: str = "group", eps: float = 1e-4
+) -> torch.Tensor:
     """GRPO's advantages: each reward minus its group's mean, divided by (group std + eps).
 
     Mirrors TRL ``GRPOTrainer`` (``scale_rewards="group"``: Bessel-corrected std; ``"none"``: no
     division, Dr. GRPO's choice). ``rewards`` is (P·G,) with groups consecutive.
     """
     if rewards.dim() != 1 or num_generations < 1 or rewards.numel() % num_generations:
-        raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of "
-                         f"num_generations={num_generations}: expected a 1-D tensor of P·G rewards")
+        raise ValueError(
+            f"rewards of shape {tuple(rewards.shape)} do not split into groups of "
+            f"num_generations={num_generations}: expected a 1-D tensor of P·G rewards"
+        )
     if scale not in ("group", "none"):
         raise ValueError(f"scale={scale!r}: expected 'group' or 'none'")
     grouped = rewards.view(-1, num_generations)  # (P, G)
@@ -171,14 +189,24 @@ def _check_loss_shapes(logps, old_logps, ref_logps, advantages, mask) -> None:
         if value is not None and tuple(value.shape) != tuple(logps.shape):
             raise ValueError(f"{name} of shape {tuple(value.shape)}: expected logps' shape {tuple(logps.shape)}")
     if tuple(advantages.shape) != (logps.size(0),):
-        raise ValueError(f"advantages of shape {tuple(advantages.shape)}: expected one per completion, "
-                         f"({logps.size(0)},)")
+        raise ValueError(
+            f"advantages of shape {tuple(advantages.shape)}: expected one per completion, ({logps.size(0)},)"
+        )
 
 
-def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Tensor | None, advantages: torch.Tensor,
-              mask: torch.Tensor, beta: float = 0.0, epsilon_low: float = 0.2, epsilon_high: float | None = None,
-              loss_type: str = "grpo", max_completion_length: int | None = None,
-              kl_ratio_correction: bool = True) -> tuple[torch.Tensor, dict]:
+def grpo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float = 0.0,
+    epsilon_low: float = 0.2,
+    epsilon_high: float | None = None,
+    loss_type: str = "grpo",
+    max_completion_length: int | None = None,
+    kl_ratio_correction: bool = True,
+) -> tuple[torch.Tensor, dict]:
     """The clipped GRPO objective (to minimise) and its diagnostics.
 
     Per token: ``-min(ρ·A, clip(ρ, 1-ε_low, 1+ε_high)·A) + β·k3``, with ``ρ = exp(logp - old)``.
@@ -215,9 +243,12 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
     with torch.no_grad():
         low = (ratio < 1 - epsilon_low) & (adv < 0)
         high = (ratio > 1 + epsilon_high) & (adv > 0)
-        stats = dict(kl=_masked_mean(kl, mask).item(), clip_low=_masked_mean(low.to(mask.dtype), mask).item(),
-                     clip_high=_masked_mean(high.to(mask.dtype), mask).item(),
-                     ratio_mean=_masked_mean(ratio, mask).item())
+        stats = dict(
+            kl=_masked_mean(kl, mask).item(),
+            clip_low=_masked_mean(low.to(mask.dtype), mask).item(),
+            clip_high=_masked_mean(high.to(mask.dtype), mask).item(),
+            ratio_mean=_masked_mean(ratio, mask).item(),
+        )
     return loss, stats
 
 
@@ -231,15 +262,19 @@ def _group_stats(rollout: Rollout, rewards: dict) -> dict:
     format, completion length, and the share of groups whose G rewards are all equal, overall and
     per task (``zero_std_<task>``: those groups teach nothing)."""
     tasks, G = rollout.tasks, rollout.num_generations
-    scores = rewards["task"] if "task" in rewards else torch.as_tensor(R.task_reward(rollout.texts, tasks, rollout.targets))
+    scores = (
+        rewards["task"] if "task" in rewards else torch.as_tensor(R.task_reward(rollout.texts, tasks, rollout.targets))
+    )
     flat = rewards["total"].view(-1, G).std(1) == 0 if G > 1 else torch.ones(len(tasks), dtype=torch.bool)
     group_tasks = tasks[::G]
-    out = dict(reward=rewards["total"].mean().item(),
-               accuracy=_mean([float(v) for t, v in zip(tasks, scores) if t != "grounding"]),
-               iou=_mean([float(v) for t, v in zip(tasks, scores) if t == "grounding"]),
-               format=_mean(R.format_reward(rollout.texts, tasks)),
-               completion_length=rollout.completion_mask.sum(1).float().mean().item(),
-               zero_std_groups=flat.float().mean().item())
+    out = dict(
+        reward=rewards["total"].mean().item(),
+        accuracy=_mean([float(v) for t, v in zip(tasks, scores) if t != "grounding"]),
+        iou=_mean([float(v) for t, v in zip(tasks, scores) if t == "grounding"]),
+        format=_mean(R.format_reward(rollout.texts, tasks)),
+        completion_length=rollout.completion_mask.sum(1).float().mean().item(),
+        zero_std_groups=flat.float().mean().item(),
+    )
     for task in dict.fromkeys(group_tasks):
         out[f"zero_std_{task}"] = _mean([float(f) for t, f in zip(group_tasks, flat) if t == task])
     return out
@@ -250,16 +285,18 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def grpo_step(model, ref_model, processor, optimizer, samples: Sequence, cfg: GRPOSettings, seed: int,
-              scorer=None) -> tuple[dict, Rollout, torch.Tensor]:
+def grpo_step(
+    model, ref_model, processor, optimizer, samples: Sequence, cfg: GRPOSettings, seed: int, scorer=None
+) -> tuple[dict, Rollout, torch.Tensor]:
     """One GRPO step on ``samples`` (P prompts): rollout, rewards, advantages, ``num_iterations``
     gradient steps of the clipped loss. Returns (logged numbers, the rollout, its advantages).
     ``scorer`` computes the policy's log-probs (a DDP-wrapped ``CompletionLogProbs`` under torchrun)."""
     scorer = scorer if scorer is not None else model
     start = time.perf_counter()
     G, T = cfg.num_generations, cfg.temperature
-    rollout = sample_completions(model, processor, samples, G, T, cfg.max_new_tokens, seed=seed, bf16=cfg.bf16,
-                                 bucket_by_task=cfg.bucket_by_task)
+    rollout = sample_completions(
+        model, processor, samples, G, T, cfg.max_new_tokens, seed=seed, bf16=cfg.bf16, bucket_by_task=cfg.bucket_by_task
+    )
     rewards = compute_rewards(rollout.texts, rollout.tasks, rollout.targets, cfg.reward_weights)
     advantages = group_advantages(rewards["total"], G, cfg.scale_rewards).to(rollout.prompt_ids.device)
     autocast = _autocast(rollout.prompt_ids.device, cfg.bf16)
@@ -270,18 +307,35 @@ def grpo_step(model, ref_model, processor, optimizer, samples: Sequence, cfg: GR
     for _ in range(cfg.num_iterations):
         with autocast():
             logps = per_token_logps(scorer, rollout, T)
-        loss, stats = grpo_loss(logps, old if old is not None else logps.detach(), ref, advantages,
-                                rollout.completion_mask, cfg.beta, cfg.epsilon, cfg.epsilon_high,
-                                cfg.loss_type, cfg.max_new_tokens, cfg.kl_ratio_correction)
+        loss, stats = grpo_loss(
+            logps,
+            old if old is not None else logps.detach(),
+            ref,
+            advantages,
+            rollout.completion_mask,
+            cfg.beta,
+            cfg.epsilon,
+            cfg.epsilon_high,
+            cfg.loss_type,
+            cfg.max_new_tokens,
+            cfg.kl_ratio_correction,
+        )
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm).item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
     tokens = rollout.completion_mask.sum().item()
-    log = dict(loss=loss.item(), grad_norm=grad_norm, **stats, **_group_stats(rollout, rewards),
-               step_seconds=time.perf_counter() - start, rollout_seconds=rollout.generation_seconds,
-               rollout_tokens=tokens, rollout_tokens_per_s=tokens / max(rollout.generation_seconds, 1e-9))
+    log = dict(
+        loss=loss.item(),
+        grad_norm=grad_norm,
+        **stats,
+        **_group_stats(rollout, rewards),
+        step_seconds=time.perf_counter() - start,
+        rollout_seconds=rollout.generation_seconds,
+        rollout_tokens=tokens,
+        rollout_tokens_per_s=tokens / max(rollout.generation_seconds, 1e-9),
+    )
     return log, rollout, advantages
 
 
@@ -298,12 +352,16 @@ def frozen_copy(model):
     return ref
 
 
-def prompt_schedule(n_prompts: int, per_step: int, steps: int, seed: int = 0, rank: int = 0, world: int = 1) -> list[list[int]]:
+def prompt_schedule(
+    n_prompts: int, per_step: int, steps: int, seed: int = 0, rank: int = 0, world: int = 1
+) -> list[list[int]]:
     """The prompt indices of each step (this rank's share): a seeded permutation of ``range(n_prompts)``,
     cycled. GRPO and its SFT control (``sft_continuation``) read the same schedule."""
     order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed)).tolist()
-    return [[order[(step * per_step * world + rank * per_step + i) % n_prompts] for i in range(per_step)]
-            for step in range(steps)]
+    return [
+        [order[(step * per_step * world + rank * per_step + i) % n_prompts] for i in range(per_step)]
+        for step in range(steps)
+    ]
 
 
 def _freeze_table(model, cfg: GRPOSettings) -> None:
@@ -311,8 +369,16 @@ def _freeze_table(model, cfg: GRPOSettings) -> None:
         _unwrap(model).get_input_embeddings().weight.requires_grad_(False)
 
 
-def train(model, processor, prompts: Sequence, cfg: GRPOSettings, seed: int = 0, ref_model=None, progress: bool = True,
-          on_step: Callable | None = None) -> list[dict]:
+def train(
+    model,
+    processor,
+    prompts: Sequence,
+    cfg: GRPOSettings,
+    seed: int = 0,
+    ref_model=None,
+    progress: bool = True,
+    on_step: Callable | None = None,
+) -> list[dict]:
     """The hand-written GRPO loop: ``cfg.steps`` steps of ``cfg.prompts_per_step`` prompts
     (``prompt_schedule``), AdamW at a constant ``cfg.lr``. Returns one dict of logged numbers per
     step; trains in place. Stops early after ``cfg.max_seconds`` of wall time if set."""
@@ -327,15 +393,26 @@ def train(model, processor, prompts: Sequence, cfg: GRPOSettings, seed: int = 0,
     scorer = CompletionLogProbs(model)
     if world > 1:  # DDP hooks the scorer's forward: gradients are averaged over ranks in backward
         device = next(model.parameters()).device
-        scorer = torch.nn.parallel.DistributedDataParallel(scorer, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        scorer = torch.nn.parallel.DistributedDataParallel(
+            scorer, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99)
+    )
     schedule = prompt_schedule(len(prompts), cfg.prompts_per_step, cfg.steps, seed, rank, world)
     history, start = [], time.perf_counter()
     bar = tqdm(range(cfg.steps), desc=f"GRPO seed {seed}", disable=not progress or rank != 0)
     for step in bar:
-        log, rollout, advantages = grpo_step(model, ref_model, processor, optimizer, [prompts[i] for i in schedule[step]],
-                                             cfg, seed=seed * 100_003 + step * world + rank, scorer=scorer)
+        log, rollout, advantages = grpo_step(
+            model,
+            ref_model,
+            processor,
+            optimizer,
+            [prompts[i] for i in schedule[step]],
+            cfg,
+            seed=seed * 100_003 + step * world + rank,
+            scorer=scorer,
+        )
         log["step"] = step
         history.append(_all_reduce_means(log) if world > 1 else log)
         bar.set_postfix(reward=f"{log['reward']:.3f}", kl=f"{log['kl']:.4f}", refresh=False)
@@ -355,9 +432,21 @@ def sft_continuation(model, processor, prompts: Sequence, cfg: GRPOSettings, see
 
     _freeze_table(model, cfg)
     seen = [prompts[i] for step in prompt_schedule(len(prompts), cfg.prompts_per_step, cfg.steps, seed) for i in step]
-    return sft_train(model, processor, seen, steps=cfg.steps, batch_size=cfg.prompts_per_step, lr=cfg.lr, warmup=0,
-                     lr_floor=1.0, weight_decay=cfg.weight_decay, clip=cfg.max_grad_norm, seed=seed, progress=progress,
-                     average="answer")
+    return sft_train(
+        model,
+        processor,
+        seen,
+        steps=cfg.steps,
+        batch_size=cfg.prompts_per_step,
+        lr=cfg.lr,
+        warmup=0,
+        lr_floor=1.0,
+        weight_decay=cfg.weight_decay,
+        clip=cfg.max_grad_norm,
+        seed=seed,
+        progress=progress,
+        average="answer",
+    )
 
 
 def _rank_world() -> tuple[int, int]:

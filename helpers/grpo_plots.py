@@ -39,12 +39,16 @@ def plot_groups(rewards: torch.Tensor, advantages: torch.Tensor, num_generations
 def plot_history(histories: dict[str, list[dict]], width: float = 10.0):
     """Per-step curves of one or more runs (name → history): reward, accuracy and IoU, KL, length."""
     fig, axes = new_figure(4, 1, width, 2.5)
-    panels = (("reward", "mean reward"), (("accuracy", "iou"), "accuracy (count, attribute) / IoU"),
-              ("kl", "KL to reference (k3)"), ("completion_length", "completion length (tokens)"))
+    panels = (
+        ("reward", "mean reward"),
+        (("accuracy", "iou"), "accuracy (count, attribute) / IoU"),
+        ("kl", "KL to reference (k3)"),
+        ("completion_length", "completion length (tokens)"),
+    )
     for ax, (keys, title) in zip(axes, panels):
         for name, history in histories.items():
             steps = [h["step"] for h in history]
-            for key in (keys if isinstance(keys, tuple) else (keys,)):
+            for key in keys if isinstance(keys, tuple) else (keys,):
                 style = "--" if key == "iou" else "-"
                 label = f"{name} {key}" if isinstance(keys, tuple) or len(histories) > 1 else None
                 ax.plot(steps, [h[key] for h in history], style, label=label, lw=1.2)
@@ -67,7 +71,9 @@ def plot_comparison(table: dict, width: float = 7.0):
             values = table[name][split]
             values = values if isinstance(values, (list, tuple)) else [values]
             x = s + (m - (len(models) - 1) / 2) * bar
-            ax.bar(x, sum(values) / len(values), bar * 0.9, color=colours[m % len(colours)], label=name if s == 0 else None)
+            ax.bar(
+                x, sum(values) / len(values), bar * 0.9, color=colours[m % len(colours)], label=name if s == 0 else None
+            )
             if len(values) > 1:
                 ax.scatter([x] * len(values), values, color="black", s=8, zorder=3)
     ax.set_xticks(range(len(splits)), splits)
@@ -88,10 +94,16 @@ def record_rollout(step: int, log: dict, rollout: Rollout, advantages: torch.Ten
     """An ``on_step`` callback for ``train``: keep what the rollout browser shows."""
     store = ROLLOUTS if store is None else store
     P = len(rollout.samples) // rollout.num_generations
-    store.append(dict(step=step, samples=rollout.samples[::rollout.num_generations][:P], texts=list(rollout.texts),
-                      rewards=compute_rewards(rollout.texts, rollout.tasks, rollout.targets,
-                                              {"task": 1.0, "format": 1.0}),
-                      advantages=advantages.detach().cpu(), G=rollout.num_generations))
+    store.append(
+        dict(
+            step=step,
+            samples=rollout.samples[:: rollout.num_generations][:P],
+            texts=list(rollout.texts),
+            rewards=compute_rewards(rollout.texts, rollout.tasks, rollout.targets, {"task": 1.0, "format": 1.0}),
+            advantages=advantages.detach().cpu(),
+            G=rollout.num_generations,
+        )
+    )
 
 
 def _demo_rollouts() -> list[dict]:
@@ -146,13 +158,30 @@ def rollout_view(step: int = 0, prompt: int = 0, store: list | None = None) -> V
         for text in texts:
             box = R.parse_answer("grounding", text)
             if box is not None:
-                ax.add_patch(Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False,
-                                       ec=COLOURS["special"], lw=1, ls="--"))
-    head = (f"<b>step {entry['step']}, prompt {p}</b> — {escape(sample.question)} "
-            f"(task {sample.task}, truth <code>{escape(sample.answer)}</code>)")
-    body = "".join(f"<tr><td>{i}</td><td><code>{escape(t) or '∅'}</code></td><td>{a:.2f}</td><td>{f:.0f}</td>"
-                   f"<td style='color:{'#009E73' if d > 0 else '#D55E00' if d < 0 else '#999'}'>{d:+.2f}</td></tr>"
-                   for i, (t, a, f, d) in enumerate(zip(texts, task_r, format_r, adv)))
-    html = (head + "<table><tr><th>#</th><th>completion</th><th>task reward</th><th>format</th><th>advantage</th></tr>"
-            + body + "</table>")
+                ax.add_patch(
+                    Rectangle(
+                        (box[0], box[1]),
+                        box[2] - box[0],
+                        box[3] - box[1],
+                        fill=False,
+                        ec=COLOURS["special"],
+                        lw=1,
+                        ls="--",
+                    )
+                )
+    head = (
+        f"<b>step {entry['step']}, prompt {p}</b> — {escape(sample.question)} "
+        f"(task {sample.task}, truth <code>{escape(sample.answer)}</code>)"
+    )
+    body = "".join(
+        f"<tr><td>{i}</td><td><code>{escape(t) or '∅'}</code></td><td>{a:.2f}</td><td>{f:.0f}</td>"
+        f"<td style='color:{'#009E73' if d > 0 else '#D55E00' if d < 0 else '#999'}'>{d:+.2f}</td></tr>"
+        for i, (t, a, f, d) in enumerate(zip(texts, task_r, format_r, adv))
+    )
+    html = (
+        head
+        + "<table><tr><th>#</th><th>completion</th><th>task reward</th><th>format</th><th>advantage</th></tr>"
+        + body
+        + "</table>"
+    )
     return View(html=html, figure=fig, data=dict(texts=texts, task=task_r, format=format_r, advantages=adv))

@@ -6,9 +6,14 @@ from __future__ import annotations
 
 from helpers.evaluation import unwrap
 
-MODULE_GROUPS = (("vision: patch embed", "model.visual.patch_embed"), ("vision: blocks", "model.visual.blocks"),
-                 ("vision: merger", "model.visual.merger"), ("LM: embeddings (= tied head)", "model.language_model.embed_tokens"),
-                 ("LM: decoder layers", "model.language_model.layers"), ("LM: final norm", "model.language_model.norm"))
+MODULE_GROUPS = (
+    ("vision: patch embed", "model.visual.patch_embed"),
+    ("vision: blocks", "model.visual.blocks"),
+    ("vision: merger", "model.visual.merger"),
+    ("LM: embeddings (= tied head)", "model.language_model.embed_tokens"),
+    ("LM: decoder layers", "model.language_model.layers"),
+    ("LM: final norm", "model.language_model.norm"),
+)
 
 
 def trainable_by_module(model) -> dict[str, tuple[int, int]]:
@@ -45,11 +50,14 @@ def apply_lora(model, r: int = 16, alpha: int = 32, target_modules=LM_LORA_TARGE
     else frozen, the merger optionally fully trained (``modules_to_save``)."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules,
-                        modules_to_save=["merger"] if train_merger else None)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=target_modules,
+        modules_to_save=["merger"] if train_merger else None,
+    )
     return get_peft_model(model, config)
-
-
 
 
 def merge_lora(model):

@@ -19,16 +19,19 @@ def lr_factor(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
     """Linear warmup from 0 to 1 over ``warmup`` steps, then cosine down to ``floor`` at ``total``
     (mirrors ``transformers.get_cosine_with_min_lr_schedule_with_warmup(min_lr_rate=floor)``)."""
     if not 0 <= step <= total or warmup < 0 or not 0 <= floor <= 1:
-        raise ValueError(f"step={step!r}, total={total!r}, warmup={warmup!r}, floor={floor!r}: expected "
-                         "0 ≤ step ≤ total, warmup ≥ 0 and floor in [0, 1]")
+        raise ValueError(
+            f"step={step!r}, total={total!r}, warmup={warmup!r}, floor={floor!r}: expected "
+            "0 ≤ step ≤ total, warmup ≥ 0 and floor in [0, 1]"
+        )
     if step < warmup:
         return step / max(1, warmup)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95),
-                   lr_scales: dict[str, float] | None = None) -> torch.optim.AdamW:
+def make_optimizer(
+    model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95), lr_scales: dict[str, float] | None = None
+) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; no weight decay on norms, biases and embeddings.
 
     ``lr_scales`` maps a parameter-name prefix (e.g. ``"model.language_model.norm"``) to a factor on
@@ -47,6 +50,7 @@ def make_optimizer(model, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.95
         scale = next((f for prefix, f in lr_scales.items() if name.startswith(prefix)), 1.0)
         no_decay = p.ndim < 2 or "embed" in name or "norm" in name
         groups.setdefault((0.0 if no_decay else weight_decay, scale), []).append(p)
-    param_groups = [{"params": ps, "weight_decay": wd, "lr_scale": scale, "lr": lr * scale}
-                    for (wd, scale), ps in groups.items()]
+    param_groups = [
+        {"params": ps, "weight_decay": wd, "lr_scale": scale, "lr": lr * scale} for (wd, scale), ps in groups.items()
+    ]
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas)

@@ -65,7 +65,9 @@ def from_qwen_vl_finetune(row: dict) -> dict:
     ``messages`` + ``images`` layout. Each ``<image>`` in a ``value`` becomes an image part, in order
     (qwen-vl-finetune's ``data_processor`` replaces the same placeholders by vision tokens)."""
     if not isinstance(row, dict) or not isinstance(row.get("conversations"), list):
-        raise ValueError(f"row {str(row)[:80]!r}: expected a dict with a 'conversations' list (qwen-vl-finetune layout)")
+        raise ValueError(
+            f"row {str(row)[:80]!r}: expected a dict with a 'conversations' list (qwen-vl-finetune layout)"
+        )
     images = row.get("image") or []
     messages = []
     for turn in row["conversations"]:
@@ -86,8 +88,10 @@ def to_messages_layout(row: dict) -> dict:
     if "conversations" in row:
         return from_qwen_vl_finetune(row)
     if not isinstance(row.get("messages"), list):
-        raise ValueError(f"row {str(row)[:80]!r}: expected 'messages' (TRL / datasets) or 'conversations' "
-                         f"(qwen-vl-finetune); accepted layouts: {LAYOUTS}")
+        raise ValueError(
+            f"row {str(row)[:80]!r}: expected 'messages' (TRL / datasets) or 'conversations' "
+            f"(qwen-vl-finetune); accepted layouts: {LAYOUTS}"
+        )
     messages = []
     for turn in row["messages"]:
         content = turn.get("content")
@@ -111,11 +115,14 @@ def split_files(path) -> dict[str, Path]:
     if path.is_file():
         return {"train": path}
     if not path.is_dir():
-        raise FileNotFoundError(f"data={str(path)!r} does not exist: expected a folder with train.jsonl "
-                                f"(and test.jsonl) or a .jsonl file")
+        raise FileNotFoundError(
+            f"data={str(path)!r} does not exist: expected a folder with train.jsonl (and test.jsonl) or a .jsonl file"
+        )
     files = {split: path / name for split, name in SPLIT_FILES.items() if (path / name).is_file()}
     if "train" not in files:
-        raise FileNotFoundError(f"{str(path)!r} has no train.jsonl: expected {sorted(SPLIT_FILES.values())} beside images/")
+        raise FileNotFoundError(
+            f"{str(path)!r} has no train.jsonl: expected {sorted(SPLIT_FILES.values())} beside images/"
+        )
     return files
 
 
@@ -145,8 +152,9 @@ def as_hf_dataset(rows: list[dict], root):
     feature), as TRL's ``SFTTrainer`` takes a VLM dataset. Validate first: decoding fails on a bad file."""
     from datasets import Dataset, Image, Sequence
 
-    table = Dataset.from_list([{"messages": r["messages"], "images": [str(Path(root) / p) for p in r["images"]]}
-                               for r in rows])
+    table = Dataset.from_list(
+        [{"messages": r["messages"], "images": [str(Path(root) / p) for p in r["images"]]} for r in rows]
+    )
     return table.cast_column("images", Sequence(Image()))
 
 
@@ -185,8 +193,13 @@ def row_tokens(messages: list[dict], sizes: list[tuple[int, int]], processor) ->
         raise ValueError(f"{len(where)} <|image_pad|> in the prompt but {len(counts)} images: expected one per image")
     extra = sum(counts) - len(counts)
     image_end = (where[-1] + 1 + extra) if where else 0
-    return {"total": len(ids) + extra, "image": sum(counts), "text": len(ids) - len(counts),
-            "image_end": image_end, "answer_end": len(ids) + extra - 1}  # the trailing "\n" carries no loss
+    return {
+        "total": len(ids) + extra,
+        "image": sum(counts),
+        "text": len(ids) - len(counts),
+        "image_end": image_end,
+        "answer_end": len(ids) + extra - 1,
+    }  # the trailing "\n" carries no loss
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +230,9 @@ def box_problem(box, original: tuple[int, int], resized: tuple[int, int]) -> str
 
     Out-of-range boxes are diagnosed by the coordinate system they fit: fractions (0–1), pixels of
     the original image (map them with ``helpers.boxes.box_to_resized``), Qwen2-VL's 0–1000."""
-    if len(box) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box):
+    if len(box) != 4 or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box
+    ):
         return f"box {box} is not four finite numbers [x1, y1, x2, y2]"
     x1, y1, x2, y2 = box
     (H, W), (h, w) = original, resized
@@ -229,10 +244,14 @@ def box_problem(box, original: tuple[int, int], resized: tuple[int, int]) -> str
         return None
     where = f"outside the {w}×{h} (W×H) image the model sees (smart_resize of {W}×{H})"
     if min(box) >= 0 and x2 <= W and y2 <= H:
-        return (f"box {box} is {where}; it fits the original {W}×{H} pixels: map it with "
-                f"helpers.boxes.box_to_resized(box, ({H}, {W}), ({h}, {w}))")
+        return (
+            f"box {box} is {where}; it fits the original {W}×{H} pixels: map it with "
+            f"helpers.boxes.box_to_resized(box, ({H}, {W}), ({h}, {w}))"
+        )
     if min(box) >= 0 and 2 * max(h, w) < max(box) <= 1000:
-        return f"box {box} is {where}; it looks like Qwen2-VL's 0–1000 coordinates: scale x by {w}/1000 and y by {h}/1000"
+        return (
+            f"box {box} is {where}; it looks like Qwen2-VL's 0–1000 coordinates: scale x by {w}/1000 and y by {h}/1000"
+        )
     return f"box {box} is {where}"
 
 
@@ -244,14 +263,16 @@ class Report:
     rows: int
     problems: list[str] = field(default_factory=list)
     good: list[int] = field(default_factory=list)
-    tokens: list[dict] = field(default_factory=list)   # row_tokens of each good row
+    tokens: list[dict] = field(default_factory=list)  # row_tokens of each good row
     sizes: list[list[tuple[int, int]]] = field(default_factory=list)
 
     def raise_if_bad(self) -> None:
         """ValueError listing every problem (not only the first), if there is any."""
         if self.problems:
-            raise ValueError(f"{len(self.problems)} of {self.rows} {self.split} rows cannot be trained on:\n  "
-                             + "\n  ".join(self.problems))
+            raise ValueError(
+                f"{len(self.problems)} of {self.rows} {self.split} rows cannot be trained on:\n  "
+                + "\n  ".join(self.problems)
+            )
 
 
 def _row_problems(row: dict, root: Path, processor, max_length: int | None) -> tuple[list[str], list, dict | None]:
@@ -259,8 +280,10 @@ def _row_problems(row: dict, root: Path, processor, max_length: int | None) -> t
     placeholders = sum(p.get("type") == "image" for m in messages for p in m["content"])
     problems = []
     if placeholders != len(images):
-        problems.append(f"{placeholders} image placeholder(s) but {len(images)} image(s) listed: expected one "
-                        f"{{'type': 'image'}} part (or <image>) per image (trap 7)")
+        problems.append(
+            f"{placeholders} image placeholder(s) but {len(images)} image(s) listed: expected one "
+            f"{{'type': 'image'}} part (or <image>) per image (trap 7)"
+        )
     if not answer_text(messages).strip():
         problems.append("empty answer: the last turn must be the assistant's, with text to learn")
     sizes = []
@@ -287,10 +310,14 @@ def _row_problems(row: dict, root: Path, processor, max_length: int | None) -> t
             problems.append(reason + " (trap 1)")
     tokens = row_tokens(messages, sizes, processor)
     if max_length is not None and tokens["image_end"] > max_length:
-        problems.append(f"{tokens['total']} tokens, image tokens up to {tokens['image_end']}: max_length={max_length} "
-                        f"truncates through the image (trap 6); raise max_length or lower max_pixels")
+        problems.append(
+            f"{tokens['total']} tokens, image tokens up to {tokens['image_end']}: max_length={max_length} "
+            f"truncates through the image (trap 6); raise max_length or lower max_pixels"
+        )
     elif max_length is not None and tokens["answer_end"] > max_length:
-        problems.append(f"{tokens['total']} tokens: max_length={max_length} cuts the answer; raise it to ≥ {tokens['answer_end']}")
+        problems.append(
+            f"{tokens['total']} tokens: max_length={max_length} cuts the answer; raise it to ≥ {tokens['answer_end']}"
+        )
     return problems, sizes, tokens
 
 
@@ -322,10 +349,19 @@ def estimate(report: Report, text_config, parameters: int, trainable: int) -> di
 
     totals = [t["total"] for t in report.tokens]
     longest = max(totals) if totals else 0
-    memory = {"weights (bf16)": weight_bytes(parameters), "longest row's K/V": longest * kv_cache_bytes_per_token(text_config),
-              "grads + AdamW (fp32)": 12 * trainable}
-    return {"rows": len(totals), "tokens": sum(totals), "image_tokens": sum(t["image"] for t in report.tokens),
-            "text_tokens": sum(t["text"] for t in report.tokens), "longest": longest, "memory": memory}
+    memory = {
+        "weights (bf16)": weight_bytes(parameters),
+        "longest row's K/V": longest * kv_cache_bytes_per_token(text_config),
+        "grads + AdamW (fp32)": 12 * trainable,
+    }
+    return {
+        "rows": len(totals),
+        "tokens": sum(totals),
+        "image_tokens": sum(t["image"] for t in report.tokens),
+        "text_tokens": sum(t["text"] for t in report.tokens),
+        "longest": longest,
+        "memory": memory,
+    }
 
 
 def infer_task(answer: str) -> tuple[str, object]:
@@ -347,13 +383,18 @@ def to_samples(rows: list[dict], root, report: Report) -> list[Sample]:
     for i in report.good:
         row = rows[i]
         if len(row["images"]) != 1 or len(row["messages"]) != 2:
-            raise ValueError(f"{report.split} row {i}: {len(row['images'])} images, {len(row['messages'])} turns; the course "
-                             "collator trains one image, one question and one answer per row (use TRL for more)")
+            raise ValueError(
+                f"{report.split} row {i}: {len(row['images'])} images, {len(row['messages'])} turns; the course "
+                "collator trains one image, one question and one answer per row (use TRL for more)"
+            )
         question = " ".join(p["text"] for p in row["messages"][0]["content"] if p.get("type") == "text")
         answer = answer_text(row["messages"])
         task, target = infer_task(answer)
-        samples.append(Sample(open_image(Path(root) / row["images"][0]), task, question, answer, target,
-                              split=report.split, index=i))
+        samples.append(
+            Sample(
+                open_image(Path(root) / row["images"][0]), task, question, answer, target, split=report.split, index=i
+            )
+        )
     return samples
 
 
@@ -381,19 +422,33 @@ def _demo_row(rng, photo, k: int) -> tuple:
     if k % 3 == 2:  # drawn: 1–3 shapes of one kind on a plain background
         n = int(rng.integers(1, 4))
         cells = rng.permutation(12)[:n]
-        shapes = [{"shape": shape, "colour": colour, "bbox": [int(c % 4) * 28 + 4, int(c // 4) * 28 + 4,
-                                                               int(c % 4) * 28 + 24, int(c // 4) * 28 + 24]} for c in cells]
+        shapes = [
+            {
+                "shape": shape,
+                "colour": colour,
+                "bbox": [int(c % 4) * 28 + 4, int(c // 4) * 28 + 4, int(c % 4) * 28 + 24, int(c // 4) * 28 + 24],
+            }
+            for c in cells
+        ]
         image = draw_shapes(112, shapes).crop((0, 0, 112, 84))
         return image, f"How many {colour} {shape}s are there?", str(n)
     image = _photo_crop(rng, photo)
     side = int(rng.integers(18, 29))
     x, y = int(rng.integers(0, image.width - side + 1)), int(rng.integers(0, image.height - side + 1))
     drawn = draw_shapes(28, [{"shape": shape, "colour": colour, "bbox": [0, 0, side, side]}]).crop((0, 0, side, side))
-    mask = draw_shapes(28, [{"shape": shape, "colour": "red", "bbox": [0, 0, side, side]}]).crop((0, 0, side, side)).convert("L")
+    mask = (
+        draw_shapes(28, [{"shape": shape, "colour": "red", "bbox": [0, 0, side, side]}])
+        .crop((0, 0, side, side))
+        .convert("L")
+    )
     image.paste(drawn, (x, y), mask.point(lambda v: 255 if v < 200 else 0))
     if k % 3 == 0:
         return image, f"What colour is the {shape}?", colour
-    return image, f"Where is the {colour} {shape}?", compact_grounding_answer([x, y, x + side, y + side], f"{colour} {shape}")
+    return (
+        image,
+        f"Where is the {colour} {shape}?",
+        compact_grounding_answer([x, y, x + side, y + side], f"{colour} {shape}"),
+    )
 
 
 def write_demo_dataset(folder, n_train: int = 240, n_test: int = 60, seed: int = 0) -> Path:
@@ -416,8 +471,16 @@ def write_demo_dataset(folder, n_train: int = 240, n_test: int = 60, seed: int =
             image, question, answer = _demo_row(rng, photo, k)
             name = f"images/{split}_{k:04d}.png"
             image.save(folder / name)
-            lines.append(json.dumps({"messages": [
-                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
-                {"role": "assistant", "content": [{"type": "text", "text": answer}]}], "images": [name]}))
+            lines.append(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+                            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+                        ],
+                        "images": [name],
+                    }
+                )
+            )
         (folder / SPLIT_FILES[split]).write_text("\n".join(lines) + "\n")
     return folder

@@ -77,7 +77,7 @@ def mean_loss(model, processor, samples, batch_size: int = 32) -> float:
     collator, total, count = SFTCollator(processor), 0.0, 0
     device = next(unwrap(model).parameters()).device
     for lo in range(0, len(samples), batch_size):
-        batch = {k: v.to(device) for k, v in collator(samples[lo:lo + batch_size]).items()}
+        batch = {k: v.to(device) for k, v in collator(samples[lo : lo + batch_size]).items()}
         n = int((batch["labels"][:, 1:] != -100).sum())
         total += float(labelled_loss(model, batch, "sum"))
         count += n
@@ -109,8 +109,17 @@ def own_recipe(profile: str | None = None, start=None) -> SimpleNamespace:
     return SimpleNamespace(**values)
 
 
-def finetune(data, out=None, profile: str | None = None, model=None, steps: int | None = None,
-             max_pixels: int | None = None, max_length: int | None = None, progress: bool = True, cache_dir=None) -> dict:
+def finetune(
+    data,
+    out=None,
+    profile: str | None = None,
+    model=None,
+    steps: int | None = None,
+    max_pixels: int | None = None,
+    max_length: int | None = None,
+    progress: bool = True,
+    cache_dir=None,
+) -> dict:
     """Validate ``data``, LoRA-fine-tune the start checkpoint as ``own_recipe`` says (``steps``
     overrides its count), score the held-out split before and after, save the merged model to ``out``."""
     from helpers import checkpoints, recipes
@@ -126,32 +135,64 @@ def finetune(data, out=None, profile: str | None = None, model=None, steps: int 
     d = load_data(data, processor, max_length, cache_dir, r.seed)
     before = {"loss": mean_loss(net, processor, d["test"]), "scores": scores(net, processor, d["test"])}
     t0 = time.perf_counter()
-    result = train(net, processor, d["train"], steps=steps or r.steps, batch_size=r.batch_size, grad_accum=r.grad_accum,
-                   lr=r.lr, warmup=r.warmup, seed=r.seed, device="cuda" if torch.cuda.is_available() else "cpu",
-                   progress=progress)
+    result = train(
+        net,
+        processor,
+        d["train"],
+        steps=steps or r.steps,
+        batch_size=r.batch_size,
+        grad_accum=r.grad_accum,
+        lr=r.lr,
+        warmup=r.warmup,
+        seed=r.seed,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        progress=progress,
+    )
     seconds = time.perf_counter() - t0
     merged = merge_lora(result.model)
     after = {"loss": mean_loss(merged, processor, d["test"]), "scores": scores(merged, processor, d["test"])}
     if out is not None:
-        checkpoints.save_checkpoint(out, merged, processor, {"step": result.state["step"], "history": result.history,
-                                                             "data": str(data), "start": str(start)})
-    tokens = {split: own_data.estimate(rep, merged.config.get_text_config(), 0, 0) for split, rep in d["reports"].items()}
-    return {"start": str(start), "recipe": vars(r), "rows": {k: len(v) for k, v in d["rows"].items()},
-            "train": len(d["train"]), "test": len(d["test"]), "tokens": {k: v["tokens"] for k, v in tokens.items()},
-            "steps": result.state["step"], "train_seconds": seconds, "train_loss": result.history["loss"],
-            "before": before, "after": after, "out": None if out is None else str(out), "model": merged, "processor": processor}
+        checkpoints.save_checkpoint(
+            out,
+            merged,
+            processor,
+            {"step": result.state["step"], "history": result.history, "data": str(data), "start": str(start)},
+        )
+    tokens = {
+        split: own_data.estimate(rep, merged.config.get_text_config(), 0, 0) for split, rep in d["reports"].items()
+    }
+    return {
+        "start": str(start),
+        "recipe": vars(r),
+        "rows": {k: len(v) for k, v in d["rows"].items()},
+        "train": len(d["train"]),
+        "test": len(d["test"]),
+        "tokens": {k: v["tokens"] for k, v in tokens.items()},
+        "steps": result.state["step"],
+        "train_seconds": seconds,
+        "train_loss": result.history["loss"],
+        "before": before,
+        "after": after,
+        "out": None if out is None else str(out),
+        "model": merged,
+        "processor": processor,
+    }
 
 
 def report_lines(report: dict) -> list[str]:
     """The final report of ``finetune`` as printed lines: rows, tokens, losses, scores, checkpoint."""
-    lines = [f"start: {report['start']} ({report['recipe']['method']}, lr {report['recipe']['lr']})",
-             f"rows: {report['rows']} → train {report['train']}, held out {report['test']}; tokens {report['tokens']}",
-             f"held-out answer loss: {report['before']['loss']:.3f} before → {report['after']['loss']:.3f} after "
-             f"{report['steps']} steps ({report['train_seconds']:.0f} s); train loss {report['train_loss'][0]:.3f} → "
-             f"{report['train_loss'][-1]:.3f}"]
+    lines = [
+        f"start: {report['start']} ({report['recipe']['method']}, lr {report['recipe']['lr']})",
+        f"rows: {report['rows']} → train {report['train']}, held out {report['test']}; tokens {report['tokens']}",
+        f"held-out answer loss: {report['before']['loss']:.3f} before → {report['after']['loss']:.3f} after "
+        f"{report['steps']} steps ({report['train_seconds']:.0f} s); train loss {report['train_loss'][0]:.3f} → "
+        f"{report['train_loss'][-1]:.3f}",
+    ]
     for b, a in zip(report["before"]["scores"], report["after"]["scores"]):
-        lines.append(f"  {a['task']:<10} n={a['n']:<4} before {b['score']:.3f}  after {a['score']:.3f}  "
-                     f"image-blind {a['blind']:.3f}  p(after > blind) = {a['p']:.2g}")
+        lines.append(
+            f"  {a['task']:<10} n={a['n']:<4} before {b['score']:.3f}  after {a['score']:.3f}  "
+            f"image-blind {a['blind']:.3f}  p(after > blind) = {a['p']:.2g}"
+        )
     lines.append(f"checkpoint: {report['out']}" if report["out"] else "checkpoint: not saved (no --out)")
     return lines
 
@@ -159,13 +200,19 @@ def report_lines(report: dict) -> list[str]:
 def main(argv=None) -> None:
     """``python -m helpers.sft --data DIR_OR_JSONL --out DIR``: ``finetune`` and its report."""
     parser = argparse.ArgumentParser(prog="python -m helpers.sft --data", description=__doc__.split("\n")[0])
-    parser.add_argument("--data", required=True, help="a folder with train.jsonl (+ test.jsonl) and images, or a .jsonl")
+    parser.add_argument(
+        "--data", required=True, help="a folder with train.jsonl (+ test.jsonl) and images, or a .jsonl"
+    )
     parser.add_argument("--out", required=True, help="checkpoint directory to write")
     parser.add_argument("--profile", choices=("cpu", "gpu"), default=None)
-    parser.add_argument("--model", default=None, help="a local Qwen2.5-VL checkpoint (default: $QWENVL_MODEL, else the course model)")
+    parser.add_argument(
+        "--model", default=None, help="a local Qwen2.5-VL checkpoint (default: $QWENVL_MODEL, else the course model)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     parser.add_argument("--max-pixels", type=int, default=None, help="image budget (default: the checkpoint's)")
-    parser.add_argument("--max-length", type=int, default=None, help="token budget per row (rows it would cut are refused)")
+    parser.add_argument(
+        "--max-length", type=int, default=None, help="token budget per row (rows it would cut are refused)"
+    )
     parser.add_argument("--metrics", default=None, help="write the report as JSON here")
     args = parser.parse_args(argv)
     report = finetune(args.data, args.out, args.profile, args.model, args.steps, args.max_pixels, args.max_length)
@@ -238,8 +285,11 @@ def row_view(split: str = "train", row: int = 0) -> View:
         ax.imshow(image.resize((w, h)))
         for box in own_data.answer_boxes(own_data.answer_text(item["messages"])):
             x1, y1, x2, y2 = box
-            ax.add_patch(__import__("matplotlib").patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False,
-                                                                   color=COLOURS["loss"], lw=2))
+            ax.add_patch(
+                __import__("matplotlib").patches.Rectangle(
+                    (x1, y1), x2 - x1, y2 - y1, fill=False, color=COLOURS["loss"], lw=2
+                )
+            )
         ax.set_title(f"{w}×{h} px, {tokens} visual tokens", fontsize=9)
     except (ValueError, IndexError, OSError) as error:
         ax.text(0.5, 0.5, f"no image:\n{type(error).__name__}", ha="center", va="center")
@@ -248,7 +298,10 @@ def row_view(split: str = "train", row: int = 0) -> View:
     import html
 
     prompt = processor.apply_chat_template(item["messages"], tokenize=False)
-    status = "<b style='color:#009E73'>valid</b>" if not problems else "<br>".join(
-        f"<b style='color:#D55E00'>{html.escape(p)}</b>" for p in problems)
+    status = (
+        "<b style='color:#009E73'>valid</b>"
+        if not problems
+        else "<br>".join(f"<b style='color:#D55E00'>{html.escape(p)}</b>" for p in problems)
+    )
     page = f"<pre style='font-size:11px'>{html.escape(prompt)}</pre>{status}"
     return View(html=page, figure=figure, data={"problems": problems, "prompt": prompt})

@@ -35,8 +35,8 @@ import torch
 
 from helpers.chat import IGNORE_INDEX
 from helpers.plots import COLOURS, new_figure
-from helpers.tokenizer import SPECIAL_TOKENS
 from helpers.rope import rope_index
+from helpers.tokenizer import SPECIAL_TOKENS
 from helpers.widgets import View, register_widget
 
 IMAGE_PAD = SPECIAL_TOKENS["<|image_pad|>"]
@@ -72,9 +72,16 @@ def _check_lengths(lengths) -> list[int]:
 def packed_position_ids(items: list[dict], spatial_merge_size: int = 2, tokens_per_second: float = 2) -> torch.Tensor:
     """(4, 1, total) position ids of the packed row: row 0 ``text_positions``, rows 1–3 each item's
     own ``get_rope_index`` (``helpers.rope.rope_index`` mirrors it), as if it were alone in its batch."""
-    rows = [rope_index(it["input_ids"][None], it["image_grid_thw"], mm_token_type_ids=it["mm_token_type_ids"][None],
-                       spatial_merge_size=spatial_merge_size, tokens_per_second=tokens_per_second)[0][:, 0]
-            for it in items]
+    rows = [
+        rope_index(
+            it["input_ids"][None],
+            it["image_grid_thw"],
+            mm_token_type_ids=it["mm_token_type_ids"][None],
+            spatial_merge_size=spatial_merge_size,
+            tokens_per_second=tokens_per_second,
+        )[0][:, 0]
+        for it in items
+    ]
     text = text_positions([len(it["input_ids"]) for it in items])
     return torch.cat([text[None], torch.cat(rows, dim=1)])[:, None]
 
@@ -92,22 +99,29 @@ def pack_items(items: list[dict], spatial_merge_size: int = 2, tokens_per_second
         if missing:
             raise ValueError(f"item {number} lacks {missing}: expected the keys {ITEM_KEYS}")
         if it["labels"][0] != IGNORE_INDEX:
-            raise ValueError(f"item {number} labels its first token: packed, the previous item's last token would "
-                             f"predict it; expected labels[0] == {IGNORE_INDEX}")
+            raise ValueError(
+                f"item {number} labels its first token: packed, the previous item's last token would "
+                f"predict it; expected labels[0] == {IGNORE_INDEX}"
+            )
     lengths = [len(it["input_ids"]) for it in items]
     cat = {k: torch.cat([it[k] for it in items])[None] for k in ("input_ids", "labels", "mm_token_type_ids")}
-    return {**cat, "position_ids": packed_position_ids(items, spatial_merge_size, tokens_per_second),
-            "pixel_values": torch.cat([it["pixel_values"] for it in items]),
-            "image_grid_thw": torch.cat([it["image_grid_thw"] for it in items]),
-            "cu_seq_lens": cu_seqlens(lengths), "seq_lengths": torch.tensor(lengths)}
+    return {
+        **cat,
+        "position_ids": packed_position_ids(items, spatial_merge_size, tokens_per_second),
+        "pixel_values": torch.cat([it["pixel_values"] for it in items]),
+        "image_grid_thw": torch.cat([it["image_grid_thw"] for it in items]),
+        "cu_seq_lens": cu_seqlens(lengths),
+        "seq_lengths": torch.tensor(lengths),
+    }
 
 
 class PackingCollator:
     """Samples → one packed row (``pack_items``): the padding-free twin of ``helpers.sft.SFTCollator``,
     with the same labels and the same checks (image tokens and answers that survive truncation)."""
 
-    def __init__(self, processor, max_length: int | None = None, spatial_merge_size: int = 2,
-                 tokens_per_second: float = 2):
+    def __init__(
+        self, processor, max_length: int | None = None, spatial_merge_size: int = 2, tokens_per_second: float = 2
+    ):
         from helpers.sft import SFTCollator
 
         self.base = SFTCollator(processor, max_length)  # validates max_length
@@ -138,7 +152,7 @@ def padding_stats(lengths, batch_size: int) -> dict:
     lengths = _check_lengths(lengths)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: expected an integer ≥ 1")
-    chunks = [lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)]
+    chunks = [lengths[i : i + batch_size] for i in range(0, len(lengths), batch_size)]
     padded = sum(len(c) * max(c) for c in chunks)
     real = sum(lengths)
     return {"real": real, "padded": padded, "padding_fraction": 1 - real / padded}
@@ -180,8 +194,16 @@ def length_mix(mix: str, n: int, seed: int = 0, merge_pixels: int = 28) -> list[
     return [int(t + s * s) for t, s in zip(text, side)]
 
 
-def synthetic_item(rng: np.random.Generator, text_tokens: int, image_hw: tuple[int, int], labelled: float,
-                   patch_size: int = 14, merge: int = 2, temporal_patch: int = 2, vocab: int = 151643) -> dict:
+def synthetic_item(
+    rng: np.random.Generator,
+    text_tokens: int,
+    image_hw: tuple[int, int],
+    labelled: float,
+    patch_size: int = 14,
+    merge: int = 2,
+    temporal_patch: int = 2,
+    vocab: int = 151643,
+) -> dict:
     """An encoded conversation shaped like real VLM SFT (the layout of ``encode_samples``' items):
     ``<|im_start|>``, a prompt with one image of ``image_hw`` pixels (multiples of patch·merge), then
     an answer making up ``labelled`` of the text tokens, labelled, ending in ``<|im_end|>``.
@@ -193,17 +215,28 @@ def synthetic_item(rng: np.random.Generator, text_tokens: int, image_hw: tuple[i
         raise ValueError(f"labelled={labelled}, text_tokens={text_tokens}: expected 0 < labelled < 1, text_tokens ≥ 8")
     answer = min(max(1, int(text_tokens * labelled)), text_tokens - 4)
     prompt = text_tokens - answer - 3
-    image = h * w // merge ** 2
-    ids = torch.cat([torch.tensor([SPECIAL_TOKENS["<|im_start|>"], SPECIAL_TOKENS["<|vision_start|>"]]),
-                     torch.full((image,), IMAGE_PAD), torch.tensor([SPECIAL_TOKENS["<|vision_end|>"]]),
-                     torch.from_numpy(rng.integers(0, vocab, prompt + answer - 1)),
-                     torch.tensor([SPECIAL_TOKENS["<|im_end|>"]])])
+    image = h * w // merge**2
+    ids = torch.cat(
+        [
+            torch.tensor([SPECIAL_TOKENS["<|im_start|>"], SPECIAL_TOKENS["<|vision_start|>"]]),
+            torch.full((image,), IMAGE_PAD),
+            torch.tensor([SPECIAL_TOKENS["<|vision_end|>"]]),
+            torch.from_numpy(rng.integers(0, vocab, prompt + answer - 1)),
+            torch.tensor([SPECIAL_TOKENS["<|im_end|>"]]),
+        ]
+    )
     labels = torch.full_like(ids, IGNORE_INDEX)
     labels[-answer:] = ids[-answer:]
-    return {"input_ids": ids, "labels": labels, "mm_token_type_ids": (ids == IMAGE_PAD).int(),
-            "pixel_values": torch.from_numpy(rng.standard_normal((h * w, 3 * temporal_patch * patch_size ** 2),
-                                                                 dtype=np.float32)),
-            "image_grid_thw": torch.tensor([[1, h, w]]), "merge": merge}
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "mm_token_type_ids": (ids == IMAGE_PAD).int(),
+        "pixel_values": torch.from_numpy(
+            rng.standard_normal((h * w, 3 * temporal_patch * patch_size**2), dtype=np.float32)
+        ),
+        "image_grid_thw": torch.tensor([[1, h, w]]),
+        "merge": merge,
+    }
 
 
 def interleaved_times(runs: dict, repeats: int = 5) -> dict[str, list[float]]:
@@ -213,7 +246,7 @@ def interleaved_times(runs: dict, repeats: int = 5) -> dict[str, list[float]]:
 
     times = {name: [] for name in runs}
     for round_ in range(repeats):
-        for name in (list(runs) if round_ % 2 == 0 else list(runs)[::-1]):
+        for name in list(runs) if round_ % 2 == 0 else list(runs)[::-1]:
             start = time.perf_counter()
             runs[name]()
             times[name].append(time.perf_counter() - start)
@@ -234,18 +267,25 @@ def layout_figure(lengths, batch_size: int, budget: int | None = None):
     width = 0
     for row, n in enumerate(lengths):
         chunk = row // batch_size
-        top = max(lengths[chunk * batch_size:(chunk + 1) * batch_size])
+        top = max(lengths[chunk * batch_size : (chunk + 1) * batch_size])
         width = max(width, top)
         left.barh(row, n, color=COLOURS["text"], height=0.8)
         left.barh(row, top - n, left=n, color=COLOURS["pad"], height=0.8)
-    left.set(title=f"padded, batch {batch_size}: {stats['padding_fraction']:.0%} padding", xlabel="tokens",
-             ylabel="sequence")
+    left.set(
+        title=f"padded, batch {batch_size}: {stats['padding_fraction']:.0%} padding", xlabel="tokens", ylabel="sequence"
+    )
     left.invert_yaxis()
     for row, members in enumerate(pack_lengths(lengths, budget)):
         start = 0
         for k, i in enumerate(members):
-            right.barh(row, lengths[i], left=start, color=COLOURS["text" if k % 2 == 0 else "accent"],
-                       edgecolor="white", height=0.8)
+            right.barh(
+                row,
+                lengths[i],
+                left=start,
+                color=COLOURS["text" if k % 2 == 0 else "accent"],
+                edgecolor="white",
+                height=0.8,
+            )
             start += lengths[i]
     right.set(title=f"packed into rows of ≤ {budget} tokens", xlabel="tokens", ylabel="row")
     right.invert_yaxis()
@@ -262,8 +302,16 @@ def packed_row_figure(position_ids: torch.Tensor, seq_lengths, mm_token_type_ids
         left.plot(rows[row].numpy(), label=name, color=COLOURS[colour], lw=1.2 if row else 2.0, alpha=0.9)
     if mm_token_type_ids is not None:
         image = mm_token_type_ids.flatten().numpy() == 1
-        left.fill_between(np.arange(len(image)), 0, rows.max().item(), where=image, color=COLOURS["image"], alpha=0.12,
-                          step="mid", label="image tokens")
+        left.fill_between(
+            np.arange(len(image)),
+            0,
+            rows.max().item(),
+            where=image,
+            color=COLOURS["image"],
+            alpha=0.12,
+            step="mid",
+            label="image tokens",
+        )
     for edge in np.cumsum(seq_lengths)[:-1]:
         left.axvline(edge - 0.5, color=COLOURS["pad"], lw=0.8, ls="--")
     left.set(title="position ids of the packed row", xlabel="token", ylabel="position id")
@@ -276,12 +324,17 @@ def packed_row_figure(position_ids: torch.Tensor, seq_lengths, mm_token_type_ids
     return figure
 
 
-@register_widget("12_packing", {"mix": "chat (long tail)", "batch_size": 8, "n": 32},
-                 [{"mix": "uniform"}, {"batch_size": 2}, {"mix": "course shapes", "n": 16}])
+@register_widget(
+    "12_packing",
+    {"mix": "chat (long tail)", "batch_size": 8, "n": 32},
+    [{"mix": "uniform"}, {"batch_size": 2}, {"mix": "course shapes", "n": 16}],
+)
 def layout_view(mix: str = "chat (long tail)", batch_size: int = 8, n: int = 32) -> View:
     """Widget: a length mix and a batch size → the padded and packed layouts and the padding fraction."""
     lengths = length_mix(mix, n)
     figure, stats = layout_figure(lengths, batch_size)
-    text = (f"{n} sequences, {stats['real']:,} real tokens; padded in batches of {batch_size}: "
-            f"{stats['padded']:,} tokens computed, {stats['padding_fraction']:.1%} of them padding; packed: none")
+    text = (
+        f"{n} sequences, {stats['real']:,} real tokens; padded in batches of {batch_size}: "
+        f"{stats['padded']:,} tokens computed, {stats['padding_fraction']:.1%} of them padding; packed: none"
+    )
     return View(text=text, figure=figure, data=stats)

@@ -20,8 +20,11 @@ from helpers.widgets import View, register_widget
 
 
 def _check_sizes(patch_size, temporal_patch_size, merge_size) -> None:
-    for name, value in (("patch_size", patch_size), ("temporal_patch_size", temporal_patch_size),
-                        ("merge_size", merge_size)):
+    for name, value in (
+        ("patch_size", patch_size),
+        ("temporal_patch_size", temporal_patch_size),
+        ("merge_size", merge_size),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r}: expected an integer ≥ 1")
 
@@ -46,7 +49,8 @@ def patchify(frames, patch_size: int = 14, temporal_patch_size: int = 2, merge_s
     if t < 1 or c < 1 or h < factor or w < factor or h % factor or w % factor:
         raise ValueError(
             f"frames of shape (T={t}, C={c}, H={h}, W={w}): need T ≥ 1, C ≥ 1 and H, W positive multiples of "
-            f"patch_size·merge_size = {factor} (resize with smart_resize first)")
+            f"patch_size·merge_size = {factor} (resize with smart_resize first)"
+        )
     if pad := -t % temporal_patch_size:
         x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])  # repeat the last frame
     grid_t, grid_h, grid_w = x.shape[0] // temporal_patch_size, h // patch_size, w // patch_size
@@ -68,14 +72,18 @@ def unpatchify(flatten_patches, grid_thw, patch_size: int = 14, temporal_patch_s
     x = torch.from_numpy(flatten_patches) if is_numpy else flatten_patches
     grid_t, grid_h, grid_w = (int(v) for v in (grid_thw.tolist() if hasattr(grid_thw, "tolist") else grid_thw))
     if min(grid_t, grid_h, grid_w) < 1 or grid_h % merge_size or grid_w % merge_size:
-        raise ValueError(f"grid_thw=({grid_t}, {grid_h}, {grid_w}): need all ≥ 1 and grid_h, grid_w multiples of "
-                         f"merge_size={merge_size}")
+        raise ValueError(
+            f"grid_thw=({grid_t}, {grid_h}, {grid_w}): need all ≥ 1 and grid_h, grid_w multiples of "
+            f"merge_size={merge_size}"
+        )
     per_channel = temporal_patch_size * patch_size * patch_size
     rows = grid_t * grid_h * grid_w
     if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[0] != rows or x.shape[1] % per_channel:
         shape = tuple(getattr(flatten_patches, "shape", ()))
-        raise ValueError(f"flatten_patches of shape {shape}: expected ({rows}, C·{per_channel}) for grid_thw="
-                         f"({grid_t}, {grid_h}, {grid_w}), i.e. grid_t·grid_h·grid_w rows of C·T·14·14 values")
+        raise ValueError(
+            f"flatten_patches of shape {shape}: expected ({rows}, C·{per_channel}) for grid_thw="
+            f"({grid_t}, {grid_h}, {grid_w}), i.e. grid_t·grid_h·grid_w rows of C·T·14·14 values"
+        )
     c, m, p = x.shape[1] // per_channel, merge_size, patch_size
     x = x.reshape(grid_t, grid_h // m, grid_w // m, m, m, c, temporal_patch_size, p, p)
     x = x.permute(0, 6, 5, 1, 3, 7, 2, 4, 8)  # (t, T, C, block row, row in block, 14, block col, col in block, 14)
@@ -140,8 +148,14 @@ def token_location(index: int, grid_thw, merge_size: int = 2) -> dict:
     block, inner = divmod(rest, merge_size * merge_size)
     block_row, block_col = divmod(block, grid_w // merge_size)
     row_in, col_in = divmod(inner, merge_size)
-    return dict(t=t, row=block_row * merge_size + row_in, col=block_col * merge_size + col_in,
-                block_row=block_row, block_col=block_col, llm_token=index // merge_size**2)
+    return dict(
+        t=t,
+        row=block_row * merge_size + row_in,
+        col=block_col * merge_size + col_in,
+        block_row=block_row,
+        block_col=block_col,
+        llm_token=index // merge_size**2,
+    )
 
 
 def order_figure(grid_h: int = 8, grid_w: int = 12, merge_size: int = 2, width: float = 8.0):
@@ -149,11 +163,15 @@ def order_figure(grid_h: int = 8, grid_w: int = 12, merge_size: int = 2, width: 
     holding four consecutive rows; arrows follow the first blocks."""
     figure, axes = new_figure(2, 1, width=width, height=width * grid_h / grid_w / 2 + 0.6)
     raster = np.arange(grid_h * grid_w).reshape(grid_h, grid_w)
-    for ax, order, title in ((axes[0], raster, "raster order (not used)"),
-                             (axes[1], row_index_grid(grid_h, grid_w, merge_size), "pixel_values row order")):
+    for ax, order, title in (
+        (axes[0], raster, "raster order (not used)"),
+        (axes[1], row_index_grid(grid_h, grid_w, merge_size), "pixel_values row order"),
+    ):
         ax.imshow(order, cmap="viridis")
         for (r, c), v in np.ndenumerate(order):
-            ax.text(c, r, str(v), ha="center", va="center", fontsize=6, color="white" if v < order.size / 2 else "black")
+            ax.text(
+                c, r, str(v), ha="center", va="center", fontsize=6, color="white" if v < order.size / 2 else "black"
+            )
         ax.set_xticks(np.arange(-0.5, grid_w, merge_size), [])
         ax.set_yticks(np.arange(-0.5, grid_h, merge_size), [])
         ax.grid(True, color="white", lw=1.5, alpha=1)
@@ -202,8 +220,9 @@ def _photo() -> dict:
         with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")) as image:
             frames = processor_frames(image, processor)
         rows, grid = patchify(frames)
-        _PHOTO.update(processor=processor, frames=frames, rows=rows.numpy(), grid=grid,
-                      picture=denormalise(frames[0], processor))
+        _PHOTO.update(
+            processor=processor, frames=frames, rows=rows.numpy(), grid=grid, picture=denormalise(frames[0], processor)
+        )
     return _PHOTO
 
 
@@ -225,9 +244,12 @@ def token_view(index: int = 0) -> View:
     left.imshow(photo["picture"])
     left.add_patch(Rectangle((col - 0.5, top - 0.5), b, b, fill=False, ec=COLOURS["highlight"], lw=2.5))
     left.set_title(f"row {index} on the photo (H×W {grid[1] * 14}×{grid[2] * 14})")
-    middle.imshow(photo["picture"][top:top + b, col:col + b])  # the 28×28 merge block = one LLM token
-    middle.add_patch(Rectangle((where["col"] * 14 - col - 0.5, where["row"] * 14 - top - 0.5), 14, 14,
-                               fill=False, ec=COLOURS["loss"], lw=3))
+    middle.imshow(photo["picture"][top : top + b, col : col + b])  # the 28×28 merge block = one LLM token
+    middle.add_patch(
+        Rectangle(
+            (where["col"] * 14 - col - 0.5, where["row"] * 14 - top - 0.5), 14, 14, fill=False, ec=COLOURS["loss"], lw=3
+        )
+    )
     middle.set_title(f"LLM token {where['llm_token']}: 2×2")
     patch = photo["rows"][index].reshape(3, 2, 14, 14)[:, 0]  # (C, 14, 14) of temporal copy 0
     right.imshow(denormalise(patch, photo["processor"]))
@@ -235,9 +257,11 @@ def token_view(index: int = 0) -> View:
     for ax in (left, middle, right):
         ax.set(xticks=[], yticks=[])
         ax.grid(False)
-    text = (f"grid (t, h, w) = {grid}; row {index} → patch row {where['row']}, col {where['col']}; merge block "
-            f"({where['block_row']}, {where['block_col']}) = LLM token {where['llm_token']} "
-            f"(rows {where['llm_token'] * 4}–{where['llm_token'] * 4 + 3})")
+    text = (
+        f"grid (t, h, w) = {grid}; row {index} → patch row {where['row']}, col {where['col']}; merge block "
+        f"({where['block_row']}, {where['block_col']}) = LLM token {where['llm_token']} "
+        f"(rows {where['llm_token'] * 4}–{where['llm_token'] * 4 + 3})"
+    )
     return View(text=text, figure=figure, data=where)
 
 

@@ -82,12 +82,25 @@ def stage_diagram(stages: list[tuple[str, list[str]]], width: float = 11.0, heig
     palette = [COLOURS["text"], COLOURS["special"], COLOURS["image"], COLOURS["video"], COLOURS["loss"]]
     for index, (title, lines) in enumerate(stages):
         colour = palette[index % len(palette)]
-        axes.add_patch(matplotlib.patches.FancyBboxPatch(
-            (index + 0.06, 0.08), 0.78, 0.84, boxstyle="round,pad=0.02", facecolor=colour, alpha=0.15,
-            edgecolor=colour, linewidth=1.5))
+        axes.add_patch(
+            matplotlib.patches.FancyBboxPatch(
+                (index + 0.06, 0.08),
+                0.78,
+                0.84,
+                boxstyle="round,pad=0.02",
+                facecolor=colour,
+                alpha=0.15,
+                edgecolor=colour,
+                linewidth=1.5,
+            )
+        )
         axes.text(index + 0.45, 0.84, title, ha="center", va="top", fontsize=10, fontweight="bold", color=colour)
         axes.text(index + 0.45, 0.66, "\n".join(lines), ha="center", va="top", fontsize=8, family="monospace")
         if index + 1 < len(stages):
-            axes.annotate("", xy=(index + 1.04, 0.5), xytext=(index + 0.88, 0.5),
-                          arrowprops=dict(arrowstyle="->", lw=1.5, color="#444444"))
+            axes.annotate(
+                "",
+                xy=(index + 1.04, 0.5),
+                xytext=(index + 0.88, 0.5),
+                arrowprops=dict(arrowstyle="->", lw=1.5, color="#444444"),
+            )
     return figure

@@ -92,10 +92,10 @@ class SFTSettings:
     warmup: int
     num_workers: int
     freeze_embeddings: bool
-    lr_scales: dict | None            # name fragment → lr multiplier (None: one lr)
-    logit_scale_init: float | None    # the final norm's initial weight (None: transformers' 1)
-    embedding_std: float | None       # the tied table's init std (None: transformers' initializer_range)
-    average: str                      # "answer" or "token" (helpers.sft.labelled_loss)
+    lr_scales: dict | None  # name fragment → lr multiplier (None: one lr)
+    logit_scale_init: float | None  # the final norm's initial weight (None: transformers' 1)
+    embedding_std: float | None  # the tied table's init std (None: transformers' initializer_range)
+    average: str  # "answer" or "token" (helpers.sft.labelled_loss)
     max_seconds: float | None = None  # the step count shrinks (after 20 measured steps) to end within this
 
 
@@ -103,7 +103,7 @@ class SFTSettings:
 class CheckpointSettings:
     """Settings a practitioner uses on a pretrained Qwen2.5-VL (``$QWENVL_MODEL``): ``helpers.recipes.recipe``."""
 
-    method: str                       # "lora" or "full"
+    method: str  # "lora" or "full"
     lr_lora: float
     lr_full: float
     lora_r: int
@@ -124,14 +124,29 @@ PROFILES: dict[str, dict[str, object]] = {
         "grpo": {  # helpers.grpo.GRPOSettings / notebooks/11_grpo.ipynb (the live seed)
             # start from notebook 10's SFT run stopped at step 150 of 300: boxes right now and then
             # (greedy IoU ~0.2, best of 8 samples ~0.5), grounding prompts only, so groups carry signal
-            "start_step": 150, "tasks": ("grounding",), "seeds": (0, 1, 2),
-            "n_prompts": 1024, "n_eval": 300, "eval_batch_size": 32,
+            "start_step": 150,
+            "tasks": ("grounding",),
+            "seeds": (0, 1, 2),
+            "n_prompts": 1024,
+            "n_eval": 300,
+            "eval_batch_size": 32,
             # 8 steps live in notebook 11 (a demonstration); scripts/grpo_experiment.py --steps 30 for the comparison
-            "steps": 8, "prompts_per_step": 8, "num_generations": 8, "temperature": 1.0, "max_new_tokens": 40,
+            "steps": 8,
+            "prompts_per_step": 8,
+            "num_generations": 8,
+            "temperature": 1.0,
+            "max_new_tokens": 40,
             # TRL 1.16's defaults (dapo, beta 0, G 8, one iteration); lr: 1e-4 moved the boxes, 5e-4
             # collapsed the policy (every answer malformed within 30 steps)
-            "lr": 1e-4, "beta": 0.0, "epsilon": 0.2, "loss_type": "dapo", "num_iterations": 1,
-            "reward_weights": {"task": 1.0}, "bf16": False, "max_seconds": None, "bucket_by_task": False,
+            "lr": 1e-4,
+            "beta": 0.0,
+            "epsilon": 0.2,
+            "loss_type": "dapo",
+            "num_iterations": 1,
+            "reward_weights": {"task": 1.0},
+            "bf16": False,
+            "max_seconds": None,
+            "bucket_by_task": False,
             "freeze_embeddings": True,
         },
         "sft": SFTSettings(  # the course model from its random initialisation (helpers.recipes)
@@ -141,44 +156,103 @@ PROFILES: dict[str, dict[str, object]] = {
             # tinted by position (helpers.data explains both; notebook 10 measures them). At 112 px
             # (16 tokens) 300 cpu steps did not learn to read colours (closing note of issue 11)
             data=DataOptions(image_size=56, max_distractors=0),
-            n_train=4096, n_eval=300,
-            steps=300, batch_size=16, grad_accum=1, lr=1e-3, warmup=30, num_workers=0,
+            n_train=4096,
+            n_eval=300,
+            steps=300,
+            batch_size=16,
+            grad_accum=1,
+            lr=1e-3,
+            warmup=30,
+            num_workers=0,
             # from scratch only (notebook 10, appendix): the random tied embedding stays fixed; the
             # final norm starts at 8 (helpers.qwen.init_logit_scale); the table keeps std 0.02
-            freeze_embeddings=True, lr_scales=None, logit_scale_init=8.0, embedding_std=0.02,
+            freeze_embeddings=True,
+            lr_scales=None,
+            logit_scale_init=8.0,
+            embedding_std=0.02,
             average="answer",  # each answer weighs the same, however many tokens it has (section 6)
         ),
         "checkpoint": CheckpointSettings(  # a pretrained Qwen2.5-VL ($QWENVL_MODEL): helpers.recipes.recipe
-            method="lora", lr_lora=2e-4, lr_full=1e-5,
-            lora_r=16, lora_alpha=32, freeze_vision=True, train_merger=True,
-            steps=300, batch_size=8, grad_accum=2, warmup=10,
+            method="lora",
+            lr_lora=2e-4,
+            lr_full=1e-5,
+            lora_r=16,
+            lora_alpha=32,
+            freeze_vision=True,
+            train_merger=True,
+            steps=300,
+            batch_size=8,
+            grad_accum=2,
+            warmup=10,
         ),
     },
     "gpu": {
         "course": CourseSettings(device="cuda", dtype="bfloat16"),
         "grpo": {  # helpers.grpo.GRPOSettings / scripts/gpu_grpo.sh: 3 seeds, each capped at 60 s of training
-            "start_step": 1000, "tasks": ("grounding",), "seeds": (0, 1, 2),
-            "n_prompts": 4096, "n_eval": 600, "eval_batch_size": 256,
-            "steps": 60, "prompts_per_step": 32, "num_generations": 8, "temperature": 1.0, "max_new_tokens": 40,
-            "lr": 1e-4, "beta": 0.0, "epsilon": 0.2, "loss_type": "dapo", "num_iterations": 1,
-            "reward_weights": {"task": 1.0}, "bf16": True, "max_seconds": 60, "bucket_by_task": False,
+            "start_step": 1000,
+            "tasks": ("grounding",),
+            "seeds": (0, 1, 2),
+            "n_prompts": 4096,
+            "n_eval": 600,
+            "eval_batch_size": 256,
+            "steps": 60,
+            "prompts_per_step": 32,
+            "num_generations": 8,
+            "temperature": 1.0,
+            "max_new_tokens": 40,
+            "lr": 1e-4,
+            "beta": 0.0,
+            "epsilon": 0.2,
+            "loss_type": "dapo",
+            "num_iterations": 1,
+            "reward_weights": {"task": 1.0},
+            "bf16": True,
+            "max_seconds": 60,
+            "bucket_by_task": False,
             "freeze_embeddings": True,
         },
         "sft": SFTSettings(
-            model=ModelSettings(text_hidden=256, text_layers=6, text_heads=4, text_kv_heads=2, text_mlp=768,
-                                vision_hidden=128, vision_depth=4, vision_heads=4, vision_mlp=256),
+            model=ModelSettings(
+                text_hidden=256,
+                text_layers=6,
+                text_heads=4,
+                text_kv_heads=2,
+                text_mlp=768,
+                vision_hidden=128,
+                vision_depth=4,
+                vision_heads=4,
+                vision_mlp=256,
+            ),
             seed=0,
             data=DataOptions(image_size=112, max_distractors=2),
-            n_train=1_000_000, n_eval=600,
-            steps=3000, batch_size=64, grad_accum=1, lr=1e-3, warmup=100, num_workers=8,
-            freeze_embeddings=True, lr_scales=None, logit_scale_init=8.0, embedding_std=0.02,
+            n_train=1_000_000,
+            n_eval=600,
+            steps=3000,
+            batch_size=64,
+            grad_accum=1,
+            lr=1e-3,
+            warmup=100,
+            num_workers=8,
+            freeze_embeddings=True,
+            lr_scales=None,
+            logit_scale_init=8.0,
+            embedding_std=0.02,
             average="answer",
             max_seconds=170,
         ),
         "checkpoint": CheckpointSettings(
-            method="lora", lr_lora=2e-4, lr_full=1e-5,
-            lora_r=16, lora_alpha=32, freeze_vision=True, train_merger=True,
-            steps=1000, batch_size=16, grad_accum=1, warmup=30, max_seconds=170,
+            method="lora",
+            lr_lora=2e-4,
+            lr_full=1e-5,
+            lora_r=16,
+            lora_alpha=32,
+            freeze_vision=True,
+            train_merger=True,
+            steps=1000,
+            batch_size=16,
+            grad_accum=1,
+            warmup=30,
+            max_seconds=170,
         ),
     },
 }
@@ -188,9 +262,7 @@ def current_profile(profile: str | None = None) -> str:
     """The profile in force: ``profile`` if given, else ``$QWENVL_PROFILE``, else ``"cpu"``."""
     name = (profile or os.environ.get("QWENVL_PROFILE") or "cpu").strip().lower()
     if name not in PROFILE_NAMES:
-        raise ValueError(
-            f"unknown profile {name!r}: QWENVL_PROFILE must be one of {', '.join(PROFILE_NAMES)}"
-        )
+        raise ValueError(f"unknown profile {name!r}: QWENVL_PROFILE must be one of {', '.join(PROFILE_NAMES)}")
     return name
 
 
@@ -209,8 +281,10 @@ def settings(section: str, profile: str | None = None):
     values = sections["grpo"]
     unknown = set(values) - {f.name for f in dataclasses.fields(GRPOSettings)}
     if unknown:
-        raise KeyError(f"unknown grpo settings {sorted(unknown)} in profile {name!r}; known: "
-                       f"{sorted(f.name for f in dataclasses.fields(GRPOSettings))}")
+        raise KeyError(
+            f"unknown grpo settings {sorted(unknown)} in profile {name!r}; known: "
+            f"{sorted(f.name for f in dataclasses.fields(GRPOSettings))}"
+        )
     return GRPOSettings(**copy.deepcopy(values))
 
 
@@ -236,6 +310,8 @@ def changed_settings(recorded: dict, current) -> dict:
     def as_json(value):
         return json.dumps(value, sort_keys=True, default=str)
 
-    return {key: (recorded.get(key), current.get(key)) for key in sorted(set(recorded) | set(current))
-            if as_json(recorded.get(key)) != as_json(current.get(key))}
-
+    return {
+        key: (recorded.get(key), current.get(key))
+        for key in sorted(set(recorded) | set(current))
+        if as_json(recorded.get(key)) != as_json(current.get(key))
+    }

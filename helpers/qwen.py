@@ -20,9 +20,6 @@ import json
 import os
 from pathlib import Path
 
-import helpers  # noqa: F401  (sets HF_HUB_OFFLINE before transformers loads)
-from helpers.cache import cache_dir  # noqa: F401  (re-exported: the course's cache folder)
-
 import torch
 import transformers
 from transformers import (
@@ -35,6 +32,8 @@ from transformers import (
 )
 from transformers.image_utils import SizeDict
 
+import helpers  # noqa: F401  (sets HF_HUB_OFFLINE before transformers loads)
+from helpers.cache import cache_dir  # noqa: F401  (re-exported: the course's cache folder)
 from helpers.constants import MAX_PIXELS, MERGE_SIZE, MIN_PIXELS, PATCH_SIZE, TEMPORAL_PATCH_SIZE, TOKEN_PIXELS
 from helpers.tokenizer import (  # the tokenizer and its facts: helpers/tokenizer.py
     CHAT_TEMPLATE,
@@ -88,12 +87,18 @@ def write_checkpoint_processor_files(folder: str | os.PathLike) -> Path:
     config = checkpoint_tokenizer_config()
     backend = json.loads(build_tokenizer().backend_tokenizer.to_str())
     backend["added_tokens"] = [{"id": int(i), **token} for i, token in config["added_tokens_decoder"].items()]
-    files = {"tokenizer_config.json": config, "chat_template.json": {"chat_template": QWEN25VL_CHAT_TEMPLATE},
-             "preprocessor_config.json": CHECKPOINT_PREPROCESSOR_CONFIG, "tokenizer.json": backend,
-             "vocab.json": backend["model"]["vocab"]}
+    files = {
+        "tokenizer_config.json": config,
+        "chat_template.json": {"chat_template": QWEN25VL_CHAT_TEMPLATE},
+        "preprocessor_config.json": CHECKPOINT_PREPROCESSOR_CONFIG,
+        "tokenizer.json": backend,
+        "vocab.json": backend["model"]["vocab"],
+    }
     for name, content in files.items():
-        (folder / name).write_text(json.dumps(content, indent=2 if name.endswith("config.json") else None,
-                                              ensure_ascii=False) + "\n", encoding="utf-8")
+        (folder / name).write_text(
+            json.dumps(content, indent=2 if name.endswith("config.json") else None, ensure_ascii=False) + "\n",
+            encoding="utf-8",
+        )
     merges = [pair if isinstance(pair, str) else " ".join(pair) for pair in backend["model"]["merges"]]
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     return folder
@@ -171,8 +176,9 @@ def load_processor(
     _check_pixel_limits(video_limits.get("video_min_pixels"), video_limits.get("video_max_pixels"), "video_")
     unknown = set(video_limits) - {"video_min_pixels", "video_max_pixels"}
     if unknown:
-        raise TypeError(f"unknown arguments {sorted(unknown)}; accepted: min_pixels, max_pixels, "
-                        "video_min_pixels, video_max_pixels")
+        raise TypeError(
+            f"unknown arguments {sorted(unknown)}; accepted: min_pixels, max_pixels, video_min_pixels, video_max_pixels"
+        )
     image_limits = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
     video_size = {
         key: video_limits[arg]
@@ -202,11 +208,16 @@ def load_processor(
 def _set_video_limits(video_processor, limits: dict) -> None:
     """Override the video processor's pixel bounds (its ``size`` is a ``SizeDict`` in 5.x)."""
     if limits:
-        current = {"shortest_edge": video_processor.size.shortest_edge, "longest_edge": video_processor.size.longest_edge}
+        current = {
+            "shortest_edge": video_processor.size.shortest_edge,
+            "longest_edge": video_processor.size.longest_edge,
+        }
         merged = {**current, **limits}
         if merged["shortest_edge"] > merged["longest_edge"]:
-            raise ValueError(f"video limits {merged['shortest_edge']} … {merged['longest_edge']} pixels: the minimum "
-                             "is larger than the maximum; give video_min_pixels ≤ video_max_pixels")
+            raise ValueError(
+                f"video limits {merged['shortest_edge']} … {merged['longest_edge']} pixels: the minimum "
+                "is larger than the maximum; give video_min_pixels ≤ video_max_pixels"
+            )
         video_processor.size = SizeDict(**merged)
 
 
@@ -246,9 +257,13 @@ def course_config(
     wide, 4 blocks of which 1 and 3 use full attention). About 20 M parameters, 19.4 M of them the
     embedding table.
     """
-    for name, value in (("text_hidden", text_hidden), ("text_heads", text_heads),
-                        ("text_kv_heads", text_kv_heads), ("vision_hidden", vision_hidden),
-                        ("vision_heads", vision_heads)):
+    for name, value in (
+        ("text_hidden", text_hidden),
+        ("text_heads", text_heads),
+        ("text_kv_heads", text_kv_heads),
+        ("vision_hidden", vision_hidden),
+        ("vision_heads", vision_heads),
+    ):
         if value < 1:
             raise ValueError(f"{name}={value}: expected ≥ 1")
     if text_hidden % text_heads or text_heads % text_kv_heads or vision_hidden % vision_heads:
@@ -265,21 +280,38 @@ def course_config(
     if any(not 0 <= i < vision_depth for i in fullatt_block_indexes):
         raise ValueError(f"fullatt_block_indexes={fullatt_block_indexes}: each must be in [0, {vision_depth - 1}]")
     return _config(
-        text=dict(hidden_size=text_hidden, num_hidden_layers=text_layers, num_attention_heads=text_heads,
-                  num_key_value_heads=text_kv_heads, intermediate_size=text_mlp,
-                  max_position_embeddings=32768),
-        vision=dict(hidden_size=vision_hidden, depth=vision_depth, num_heads=vision_heads,
-                    intermediate_size=vision_mlp, fullatt_block_indexes=list(fullatt_block_indexes)),
+        text=dict(
+            hidden_size=text_hidden,
+            num_hidden_layers=text_layers,
+            num_attention_heads=text_heads,
+            num_key_value_heads=text_kv_heads,
+            intermediate_size=text_mlp,
+            max_position_embeddings=32768,
+        ),
+        vision=dict(
+            hidden_size=vision_hidden,
+            depth=vision_depth,
+            num_heads=vision_heads,
+            intermediate_size=vision_mlp,
+            fullatt_block_indexes=list(fullatt_block_indexes),
+        ),
     )
 
 
 def qwen25vl_3b_config() -> Qwen2_5_VLConfig:
     """The real Qwen2.5-VL-3B-Instruct hyperparameters (its config.json, as facts)."""
     return _config(
-        text=dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
-                  num_key_value_heads=2, intermediate_size=11008, max_position_embeddings=128000),
-        vision=dict(hidden_size=1280, depth=32, num_heads=16, intermediate_size=3420,
-                    fullatt_block_indexes=[7, 15, 23, 31]),
+        text=dict(
+            hidden_size=2048,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            intermediate_size=11008,
+            max_position_embeddings=128000,
+        ),
+        vision=dict(
+            hidden_size=1280, depth=32, num_heads=16, intermediate_size=3420, fullatt_block_indexes=[7, 15, 23, 31]
+        ),
     )
 
 
@@ -297,8 +329,15 @@ def _config(text: dict, vision: dict) -> Qwen2_5_VLConfig:
         **text,
     )
     vision_config = dict(
-        hidden_act="silu", patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
-        tokens_per_second=2, in_channels=3, out_hidden_size=text["hidden_size"], **vision,
+        hidden_act="silu",
+        patch_size=14,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        window_size=112,
+        tokens_per_second=2,
+        in_channels=3,
+        out_hidden_size=text["hidden_size"],
+        **vision,
     )
     return Qwen2_5_VLConfig(
         text_config=text_config,
@@ -331,9 +370,7 @@ def load_model(
     checkpoint = _resolve_checkpoint(model)
     if checkpoint is not None:
         _require_files(checkpoint, "model", _MODEL_FILES, weights=True)
-        loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            checkpoint, local_files_only=True, dtype=dtype
-        )
+        loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint, local_files_only=True, dtype=dtype)
         return loaded.to(device).eval()
     torch.manual_seed(seed)
     built = Qwen2_5_VLForConditionalGeneration(config or course_config())
@@ -345,8 +382,10 @@ def _floating_dtype(dtype) -> torch.dtype:
     """``dtype`` as a floating ``torch.dtype`` (a name such as ``"bfloat16"`` accepted), else a clear error."""
     value = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise ValueError(f"dtype={dtype!r}: expected a floating torch dtype, e.g. torch.float32, torch.bfloat16 "
-                         "or the name 'float16'")
+        raise ValueError(
+            f"dtype={dtype!r}: expected a floating torch dtype, e.g. torch.float32, torch.bfloat16 "
+            "or the name 'float16'"
+        )
     return value
 
 

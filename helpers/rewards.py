@@ -44,7 +44,7 @@ MAX_COORDINATE = 100_000
 #: IoU at or above which a box counts as "correct" for ``accuracy_reward`` (the usual detection bar).
 IOU_HIT = 0.5
 
-_COUNT = re.compile(r"[0-9]{1,%d}" % MAX_COUNT_DIGITS)
+_COUNT = re.compile(rf"[0-9]{{1,{MAX_COUNT_DIGITS}}}")
 _WORD = re.compile(r"[a-z]{1,20}")
 
 
@@ -118,9 +118,11 @@ def _target_value(task: str, target: Any) -> int | str | list[float]:
             box = []
         if len(box) == 4 and all(math.isfinite(v) for v in box):
             return box
-    raise ValueError(f"target={target!r}: expected for task {task!r} "
-                     + {"count": "an int ≥ 0", "attribute": "a colour word",
-                        "grounding": "4 numbers [x1, y1, x2, y2]"}[task] + " or its answer string")
+    raise ValueError(
+        f"target={target!r}: expected for task {task!r} "
+        + {"count": "an int ≥ 0", "attribute": "a colour word", "grounding": "4 numbers [x1, y1, x2, y2]"}[task]
+        + " or its answer string"
+    )
 
 
 def score(task: str, completion: str, target: Any) -> float:
@@ -174,11 +176,14 @@ def _check_columns(completions, task, target, needs: tuple[str, ...]) -> int:
         if column is None and name not in needs:
             continue
         if not isinstance(column, (list, tuple)):
-            raise TypeError(f"{name}={column!r:.80}: expected a list with one entry per completion "
-                            f"({count}), e.g. {name}=[...] * {count}")
+            raise TypeError(
+                f"{name}={column!r:.80}: expected a list with one entry per completion "
+                f"({count}), e.g. {name}=[...] * {count}"
+            )
         if len(column) != count:
-            raise ValueError(f"{name} has {len(column)} entries for {count} completions: each column needs one "
-                             "entry per completion")
+            raise ValueError(
+                f"{name} has {len(column)} entries for {count} completions: each column needs one entry per completion"
+            )
     for i in range(count if task is not None else 0):
         _check_task(task[i])
         if target is not None and "target" in needs:
@@ -193,8 +198,13 @@ def _per_completion(fn, completions, task, target, needs=("task", "target")) -> 
     rewards = []
     for i in range(count):
         try:
-            value = float(fn(task[i] if task is not None else None, completion_text(completions[i]),
-                             target[i] if target is not None else None))
+            value = float(
+                fn(
+                    task[i] if task is not None else None,
+                    completion_text(completions[i]),
+                    target[i] if target is not None else None,
+                )
+            )
             rewards.append(value if math.isfinite(value) else 0.0)
         except Exception:  # noqa: BLE001 - a reward never raises: unreadable → 0
             rewards.append(0.0)
@@ -204,17 +214,18 @@ def _per_completion(fn, completions, task, target, needs=("task", "target")) -> 
 def accuracy_reward(completions, task, target, **kwargs) -> list[float]:
     """1.0 when the answer is right, else 0.0: exact match for count and attribute, and for
     grounding a box with IoU ≥ ``IOU_HIT`` (0.5). Range {0, 1}."""
+
     def hit(t, text, y):
         value = score(t, text, y)
         return float(value >= IOU_HIT) if t == "grounding" else value
+
     return _per_completion(hit, completions, task, target)
 
 
 def iou_reward(completions, task, target, **kwargs) -> list[float]:
     """IoU of the predicted box with the true one on grounding rows, 0.0 on other tasks' rows.
     Range [0, 1]."""
-    return _per_completion(lambda t, text, y: score(t, text, y) if t == "grounding" else 0.0,
-                           completions, task, target)
+    return _per_completion(lambda t, text, y: score(t, text, y) if t == "grounding" else 0.0, completions, task, target)
 
 
 def task_reward(completions, task, target, **kwargs) -> list[float]:
@@ -225,8 +236,9 @@ def task_reward(completions, task, target, **kwargs) -> list[float]:
 
 def format_reward(completions, task, target=None, **kwargs) -> list[float]:
     """1.0 when the parser accepts the completion as an answer to its task, else 0.0. Range {0, 1}."""
-    return _per_completion(lambda t, text, y: float(parse_answer(t, text) is not None),
-                           completions, task, target, needs=("task",))
+    return _per_completion(
+        lambda t, text, y: float(parse_answer(t, text) is not None), completions, task, target, needs=("task",)
+    )
 
 
 _R1_FORMAT = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
@@ -238,5 +250,6 @@ def think_format_reward(completions, task=None, target=None, **kwargs) -> list[f
     Our SFT data never shows these tags, so after SFT this reward is 0 on every completion
     (QUESTIONS.md trap #16) — notebook 11 uses it to reproduce the trap.
     """
-    return _per_completion(lambda t, text, y: float(_R1_FORMAT.fullmatch(text) is not None),
-                           completions, task, target, needs=())
+    return _per_completion(
+        lambda t, text, y: float(_R1_FORMAT.fullmatch(text) is not None), completions, task, target, needs=()
+    )

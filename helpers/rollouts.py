@@ -5,8 +5,8 @@ per-token log-probabilities (notebook 11, steps 3.1 and 3.3; ``helpers.grpo`` tr
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -32,12 +32,12 @@ class Rollout:
     (each sample repeated G times, groups consecutive).
     """
 
-    prompt_ids: torch.Tensor        # (N, Lp) left-padded
-    prompt_mask: torch.Tensor       # (N, Lp)
-    completion_ids: torch.Tensor    # (N, K)  right-padded with <|endoftext|>
-    completion_mask: torch.Tensor   # (N, K)  1 up to and including the first end token
-    pixel_values: torch.Tensor      # (patches of all N images, 1176)
-    image_grid_thw: torch.Tensor    # (N, 3)
+    prompt_ids: torch.Tensor  # (N, Lp) left-padded
+    prompt_mask: torch.Tensor  # (N, Lp)
+    completion_ids: torch.Tensor  # (N, K)  right-padded with <|endoftext|>
+    completion_mask: torch.Tensor  # (N, K)  1 up to and including the first end token
+    pixel_values: torch.Tensor  # (patches of all N images, 1176)
+    image_grid_thw: torch.Tensor  # (N, 3)
     mm_token_type_ids: torch.Tensor  # (N, Lp) 1 on image tokens
     samples: list = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
@@ -71,8 +71,10 @@ def encode_prompts(processor, samples: Sequence, device="cpu") -> dict:
     """
     if not samples:
         raise ValueError("samples is empty: expected at least one helpers.data.Sample")
-    texts = [processor.apply_chat_template(sample_messages(s, with_answer=False), add_generation_prompt=True,
-                                           tokenize=False) for s in samples]
+    texts = [
+        processor.apply_chat_template(sample_messages(s, with_answer=False), add_generation_prompt=True, tokenize=False)
+        for s in samples
+    ]
     tokenizer = processor.tokenizer
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     try:
@@ -103,15 +105,24 @@ def _rows(batch: dict, rows: list[int]) -> dict:
     """The sub-batch of ``rows`` (their pixel rows too: ``grid_t·grid_h·grid_w`` patches per image)."""
     patches = batch["image_grid_thw"].prod(-1)
     offsets = torch.cat([patches.new_zeros(1), patches.cumsum(0)]).tolist()
-    pixels = torch.cat([batch["pixel_values"][offsets[r]:offsets[r + 1]] for r in rows])
+    pixels = torch.cat([batch["pixel_values"][offsets[r] : offsets[r + 1]] for r in rows])
     index = torch.tensor(rows, device=batch["input_ids"].device)
     return {k: (pixels if k == "pixel_values" else v[index]) for k, v in batch.items()}
 
 
 @torch.no_grad()
-def sample_completions(model, processor, samples: Sequence, num_generations: int = 4, temperature: float = 1.0,
-                       max_new_tokens: int = 40, greedy: bool = False, seed: int | None = None,
-                       bf16: bool | None = None, bucket_by_task: bool = False) -> Rollout:
+def sample_completions(
+    model,
+    processor,
+    samples: Sequence,
+    num_generations: int = 4,
+    temperature: float = 1.0,
+    max_new_tokens: int = 40,
+    greedy: bool = False,
+    seed: int | None = None,
+    bf16: bool | None = None,
+    bucket_by_task: bool = False,
+) -> Rollout:
     """Roll out ``num_generations`` completions per sample (``model.generate``, left padding).
 
     Sampling is plain multinomial at ``temperature`` (no top-k / top-p: TRL's defaults), or greedy
@@ -143,25 +154,42 @@ def sample_completions(model, processor, samples: Sequence, num_generations: int
         part = batch if len(buckets) == 1 else _rows(batch, rows)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and bf16 is not False):
-            output = net.generate(**part, max_new_tokens=max_new_tokens, do_sample=not greedy, pad_token_id=PAD,
-                                  eos_token_id=list(EOS_IDS), **sampling)
+            output = net.generate(
+                **part,
+                max_new_tokens=max_new_tokens,
+                do_sample=not greedy,
+                pad_token_id=PAD,
+                eos_token_id=list(EOS_IDS),
+                **sampling,
+            )
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - start
-        pieces[tuple(rows)] = output[:, batch["input_ids"].size(1):]
+        pieces[tuple(rows)] = output[:, batch["input_ids"].size(1) :]
     net.train(was_training)
     width = max(1, max(p.size(1) for p in pieces.values()))  # ≥ 1 column so shapes stay valid
     completion = torch.full((len(repeated), width), PAD, dtype=batch["input_ids"].dtype, device=device)
     for rows, piece in pieces.items():
-        completion[list(rows), :piece.size(1)] = piece
+        completion[list(rows), : piece.size(1)] = piece
     mask = completion_mask_after_eos(completion)
     if bucket_by_task:  # columns a bucket never generated are padding, not tokens
         for rows, piece in pieces.items():
-            mask[list(rows), piece.size(1):] = 0
+            mask[list(rows), piece.size(1) :] = 0
     completion = torch.where(mask.bool(), completion, torch.full_like(completion, PAD))
     texts = processor.tokenizer.batch_decode(completion, skip_special_tokens=True)
-    return Rollout(batch["input_ids"], batch["attention_mask"], completion, mask, batch["pixel_values"],
-                   batch["image_grid_thw"], batch["mm_token_type_ids"], repeated, texts, num_generations, seconds)
+    return Rollout(
+        batch["input_ids"],
+        batch["attention_mask"],
+        completion,
+        mask,
+        batch["pixel_values"],
+        batch["image_grid_thw"],
+        batch["mm_token_type_ids"],
+        repeated,
+        texts,
+        num_generations,
+        seconds,
+    )
 
 
 class CompletionLogProbs(torch.nn.Module):
@@ -179,15 +207,29 @@ class CompletionLogProbs(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, completion_ids,
-                completion_mask, temperature: float = 1.0) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        pixel_values,
+        image_grid_thw,
+        mm_token_type_ids,
+        completion_ids,
+        completion_mask,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
         base = self.model
-        hidden = base.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                            image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids,
-                            use_cache=False).last_hidden_state  # (N, Lp + K, D)
+        hidden = base.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            use_cache=False,
+        ).last_hidden_state  # (N, Lp + K, D)
         k = completion_ids.size(1)
         keep = completion_mask.bool()  # (N, K)
-        states = hidden[:, -k - 1:-1][keep]  # (M, D): M scored tokens ≪ N·K
+        states = hidden[:, -k - 1 : -1][keep]  # (M, D): M scored tokens ≪ N·K
         logits = base.lm_head(states)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # (M, V)
         chosen = logits.gather(1, completion_ids[keep].unsqueeze(1)).squeeze(1)  # (M,)
@@ -203,8 +245,12 @@ def per_token_logps(model, rollout: Rollout, temperature: float = 1.0) -> torch.
     TRL's ``_get_per_token_logps_and_entropies`` (logits divided by the sampling temperature).
     """
     scorer = model if isinstance(_unwrap(model), CompletionLogProbs) else CompletionLogProbs(model)
-    return scorer(**rollout.forward_inputs(), completion_ids=rollout.completion_ids,
-                  completion_mask=rollout.completion_mask, temperature=temperature)
+    return scorer(
+        **rollout.forward_inputs(),
+        completion_ids=rollout.completion_ids,
+        completion_mask=rollout.completion_mask,
+        temperature=temperature,
+    )
 
 
 @torch.no_grad()
@@ -213,13 +259,17 @@ def best_of_g(model, processor, samples: Sequence, cfg, seed: int = 0) -> dict:
     rollout scores on average), best-of-G (the mean over prompts of the best of its G: what GRPO can
     reinforce) and the share of prompts whose G rewards are all equal (no signal)."""
     G = cfg.num_generations
-    rollout = sample_completions(model, processor, samples, G, cfg.temperature, cfg.max_new_tokens, seed=seed,
-                                 bucket_by_task=True)
+    rollout = sample_completions(
+        model, processor, samples, G, cfg.temperature, cfg.max_new_tokens, seed=seed, bucket_by_task=True
+    )
     scores = torch.tensor(R.task_reward(rollout.texts, rollout.tasks, rollout.targets)).view(-1, G)
     out = {}
     for task in dict.fromkeys(s.task for s in samples):
         rows = torch.tensor([s.task == task for s in samples])
-        out[task] = {"mean": scores[rows].mean().item(), "best": scores[rows].max(1).values.mean().item(),
-                     "zero_std": (scores[rows].std(1) == 0).float().mean().item(), "n": int(rows.sum())}
+        out[task] = {
+            "mean": scores[rows].mean().item(),
+            "best": scores[rows].max(1).values.mean().item(),
+            "zero_std": (scores[rows].std(1) == 0).float().mean().item(),
+            "n": int(rows.sum()),
+        }
     return out
-

@@ -53,8 +53,9 @@ RULES = ("transformers", "reference")
 # ---------------------------------------------------------------------------------------------
 
 
-def token_types(input_ids: torch.Tensor, image_token_id: int = IMAGE_TOKEN_ID,
-                video_token_id: int = VIDEO_TOKEN_ID) -> torch.Tensor:
+def token_types(
+    input_ids: torch.Tensor, image_token_id: int = IMAGE_TOKEN_ID, video_token_id: int = VIDEO_TOKEN_ID
+) -> torch.Tensor:
     """0 for text, 1 for ``<|image_pad|>``, 2 for ``<|video_pad|>``: the processor's ``mm_token_type_ids``."""
     types = torch.zeros_like(input_ids, dtype=torch.int)
     types[input_ids == image_token_id] = IMAGE
@@ -70,7 +71,9 @@ def vision_positions(start: int, grid_thw, spatial_merge_size: int = 2, time_int
     """
     t, h, w = (int(v) for v in grid_thw)
     if h % spatial_merge_size or w % spatial_merge_size:
-        raise ValueError(f"grid_thw={list(grid_thw)}: h and w must be multiples of spatial_merge_size={spatial_merge_size}")
+        raise ValueError(
+            f"grid_thw={list(grid_thw)}: h and w must be multiples of spatial_merge_size={spatial_merge_size}"
+        )
     h, w = h // spatial_merge_size, w // spatial_merge_size
     t_ids = (torch.arange(t) * time_interval).long()  # truncation toward 0, as .long() does
     grid_t = t_ids.view(t, 1, 1).expand(t, h, w)
@@ -121,8 +124,10 @@ def rope_index(
         mm_token_type_ids = token_types(input_ids)
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected {tuple(input_ids.shape)}")
-    grids = {IMAGE: list(image_grid_thw) if image_grid_thw is not None else [],
-             VIDEO: list(video_grid_thw) if video_grid_thw is not None else []}
+    grids = {
+        IMAGE: list(image_grid_thw) if image_grid_thw is not None else [],
+        VIDEO: list(video_grid_thw) if video_grid_thw is not None else [],
+    }
     seconds = [float(s) for s in second_per_grid_ts] if second_per_grid_ts is not None else [1.0] * len(grids[VIDEO])
     if not all(math.isfinite(s) and s >= 0 for s in seconds):
         raise ValueError(f"second_per_grid_ts={seconds}: expected finite seconds ≥ 0, one per video")
@@ -130,7 +135,11 @@ def rope_index(
     position_ids = torch.zeros(3, *input_ids.shape, dtype=input_ids.dtype)
     deltas = []
     for row in range(input_ids.shape[0]):
-        keep = attention_mask[row].bool() if attention_mask is not None else torch.ones(input_ids.shape[1], dtype=torch.bool)
+        keep = (
+            attention_mask[row].bool()
+            if attention_mask is not None
+            else torch.ones(input_ids.shape[1], dtype=torch.bool)
+        )
         pieces, position = [], 0
         for kind, length in _runs(mm_token_type_ids[row][keep].tolist()):
             if kind == TEXT:
@@ -139,15 +148,19 @@ def rope_index(
                 continue
             if used[kind] >= len(grids[kind]):
                 name = "image_grid_thw" if kind == IMAGE else "video_grid_thw"
-                raise ValueError(f"row {row} has more {'image' if kind == IMAGE else 'video'} runs than {name} "
-                                 f"has rows ({len(grids[kind])})")
+                raise ValueError(
+                    f"row {row} has more {'image' if kind == IMAGE else 'video'} runs than {name} "
+                    f"has rows ({len(grids[kind])})"
+                )
             grid = grids[kind][used[kind]]
             interval = tokens_per_second * seconds[used[kind]] if kind == VIDEO else 1
             used[kind] += 1
             block = vision_positions(position, grid, spatial_merge_size, interval)
             if block.shape[1] != length:
-                raise ValueError(f"row {row}: a run of {length} pad tokens, but grid {list(map(int, grid))} needs "
-                                 f"{block.shape[1]} (= t·h·w / {spatial_merge_size ** 2})")
+                raise ValueError(
+                    f"row {row}: a run of {length} pad tokens, but grid {list(map(int, grid))} needs "
+                    f"{block.shape[1]} (= t·h·w / {spatial_merge_size**2})"
+                )
             pieces.append(block)
             if rule == "transformers":
                 position += max(int(grid[1]), int(grid[2])) // spatial_merge_size
@@ -168,7 +181,8 @@ def decoder_positions(model, inputs: dict) -> tuple[torch.Tensor | None, torch.T
     """
     seen = []
     hook = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs.get("position_ids")), with_kwargs=True)
+        lambda module, args, kwargs: seen.append(kwargs.get("position_ids")), with_kwargs=True
+    )
     try:
         with torch.no_grad():
             logits = model(**inputs).logits
@@ -188,8 +202,9 @@ def generated_positions(real_lengths, rope_deltas: torch.Tensor, new_tokens: int
     return lengths + torch.arange(new_tokens).unsqueeze(0) + rope_deltas
 
 
-def merged_grid_check(position_ids: torch.Tensor, input_ids: torch.Tensor, image_grid_thw,
-                      spatial_merge_size: int = 2) -> int:
+def merged_grid_check(
+    position_ids: torch.Tensor, input_ids: torch.Tensor, image_grid_thw, spatial_merge_size: int = 2
+) -> int:
     """Trap 2: each image token's (h, w) ids minus the image's start must be its merged (row, col).
 
     ``position_ids`` (3, length) and ``input_ids`` (length,) of one sequence; returns how many
@@ -200,7 +215,7 @@ def merged_grid_check(position_ids: torch.Tensor, input_ids: torch.Tensor, image
     for grid in image_grid_thw:
         t, h, w = (int(v) for v in grid)
         count = t * (h // spatial_merge_size) * (w // spatial_merge_size)
-        slots = pads[cursor:cursor + count]
+        slots = pads[cursor : cursor + count]
         cursor += count
         start = int(position_ids[0, slots[0]])
         for k, slot in enumerate(slots):
@@ -231,7 +246,9 @@ def inverse_frequencies(head_dim: int, theta: float = 1e6) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
 
 
-def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section) -> tuple[torch.Tensor, torch.Tensor]:
+def mrope_cos_sin(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_section
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (batch, length, head_dim) for 3-D ``position_ids`` (3, batch, length).
 
     Pair j rotates by ``position[axis(j)] × inv_freq[j]``, axis from ``pair_axes``; the two halves of
@@ -239,12 +256,13 @@ def mrope_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, mrope_sect
     """
     axes = torch.as_tensor(pair_axes(mrope_section))
     if len(axes) != inv_freq.numel():
-        raise ValueError(f"mrope_section={list(mrope_section)} sums to {len(axes)}; the head has {inv_freq.numel()} pairs")
-    chosen = position_ids[axes].float()               # (pairs, batch, length): each pair's own axis
-    angles = chosen.permute(1, 2, 0) * inv_freq       # (batch, length, pairs)
-    angles = torch.cat([angles, angles], dim=-1)      # (batch, length, head_dim)
+        raise ValueError(
+            f"mrope_section={list(mrope_section)} sums to {len(axes)}; the head has {inv_freq.numel()} pairs"
+        )
+    chosen = position_ids[axes].float()  # (pairs, batch, length): each pair's own axis
+    angles = chosen.permute(1, 2, 0) * inv_freq  # (batch, length, pairs)
+    angles = torch.cat([angles, angles], dim=-1)  # (batch, length, head_dim)
     return angles.cos(), angles.sin()
-
 
 
 def interleaved_pair_axes(mrope_section) -> np.ndarray:
@@ -257,7 +275,7 @@ def interleaved_pair_axes(mrope_section) -> np.ndarray:
         raise ValueError(f"mrope_section={list(mrope_section)}: expected three non-negative sizes (t, h, w)")
     axes = np.zeros(sum(int(s) for s in mrope_section), dtype=int)
     for axis in (1, 2):
-        axes[axis:3 * int(mrope_section[axis]):3] = axis
+        axes[axis : 3 * int(mrope_section[axis]) : 3] = axis
     return axes
 
 
@@ -291,11 +309,30 @@ def plot_positions(position_ids: torch.Tensor, types: torch.Tensor, ax=None, tit
     for kind, colour, label in ((IMAGE, COLOURS["image"], "image tokens"), (VIDEO, COLOURS["video"], "video tokens")):
         inside = types == kind
         if inside.any():
-            ax.fill_between(x, 0, 1, where=inside, transform=ax.get_xaxis_transform(), color=colour, alpha=0.12,
-                            step="mid", label=label, linewidth=0)
-    for row, (name, colour, style) in enumerate(zip(AXES, (COLOURS["loss"], COLOURS["text"], COLOURS["image"]),
-                                                      ("-", "--", ":"))):
-        ax.plot(x, np.asarray(position_ids[row]), style, color=colour, label=f"{name} id", linewidth=1.2, drawstyle="steps-mid")
+            ax.fill_between(
+                x,
+                0,
+                1,
+                where=inside,
+                transform=ax.get_xaxis_transform(),
+                color=colour,
+                alpha=0.12,
+                step="mid",
+                label=label,
+                linewidth=0,
+            )
+    for row, (name, colour, style) in enumerate(
+        zip(AXES, (COLOURS["loss"], COLOURS["text"], COLOURS["image"]), ("-", "--", ":"))
+    ):
+        ax.plot(
+            x,
+            np.asarray(position_ids[row]),
+            style,
+            color=colour,
+            label=f"{name} id",
+            linewidth=1.2,
+            drawstyle="steps-mid",
+        )
     ax.plot(x, x, color=COLOURS["pad"], linewidth=0.8, alpha=0.6, label="1-D RoPE (index)")
     ax.set_xlabel("token index")
     ax.set_ylabel("position id")
@@ -309,13 +346,27 @@ def plot_pair_axes(sections: dict[str, list[int]]):
     """One bar per model: the rotary pairs of one head coloured by the axis that drives them."""
     figure, ax = new_figure(width=7.5, height=0.9 + 0.45 * len(sections))
     colours = (COLOURS["loss"], COLOURS["text"], COLOURS["image"])
-    for row, (name, section) in enumerate(sections.items()):
+    for row, (_name, section) in enumerate(sections.items()):
         left = 0
         total = sum(section)
         for axis, size in enumerate(section):
-            ax.barh(row, size / total, left=left / total, color=colours[axis], edgecolor="white",
-                    label=f"{AXES[axis]} pairs" if row == 0 else None)
-            ax.text((left + size / 2) / total, row, f"{AXES[axis]}: {size}", ha="center", va="center", color="white", fontsize=9)
+            ax.barh(
+                row,
+                size / total,
+                left=left / total,
+                color=colours[axis],
+                edgecolor="white",
+                label=f"{AXES[axis]} pairs" if row == 0 else None,
+            )
+            ax.text(
+                (left + size / 2) / total,
+                row,
+                f"{AXES[axis]}: {size}",
+                ha="center",
+                va="center",
+                color="white",
+                fontsize=9,
+            )
             left += size
     ax.set_yticks(range(len(sections)), list(sections))
     ax.set_xlabel("fraction of a head's rotary pairs (low index = fast rotation)")
@@ -323,7 +374,6 @@ def plot_pair_axes(sections: dict[str, list[int]]):
     ax.grid(False)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=3)
     return figure
-
 
 
 def plot_axis_frequencies(layouts: dict[str, torch.Tensor], span: int | None = None):
@@ -337,7 +387,9 @@ def plot_axis_frequencies(layouts: dict[str, torch.Tensor], span: int | None = N
         pairs = np.arange(frequencies.shape[1])
         for axis in range(3):
             used = np.asarray(frequencies[axis] > 0)
-            ax.scatter(pairs[used], np.asarray(frequencies[axis])[used], s=10, color=colours[axis], label=f"{AXES[axis]} pairs")
+            ax.scatter(
+                pairs[used], np.asarray(frequencies[axis])[used], s=10, color=colours[axis], label=f"{AXES[axis]} pairs"
+            )
         ax.set_yscale("log")
         ax.set_xlabel("rotary pair j of a head")
         ax.set_title(title, fontsize=10)
@@ -374,8 +426,9 @@ def video_plan(seconds: float, fps: float, frame_size=WIDGET_VIDEO_SIZE) -> dict
     return {"frames": frames, "grid_thw": grid, "second_per_grid_ts": 2 / fps}
 
 
-def synthetic_sequence(image_grid=None, video_grid=None, text_before: int = 14, text_between: int = 4,
-                       text_after: int = 10) -> torch.Tensor:
+def synthetic_sequence(
+    image_grid=None, video_grid=None, text_before: int = 14, text_between: int = 4, text_after: int = 10
+) -> torch.Tensor:
     """(1, length) token ids shaped like a chat: text, [image block], text, [video block], text.
 
     Text tokens are a placeholder id (they only need to be text); each block is
@@ -396,26 +449,47 @@ def synthetic_sequence(image_grid=None, video_grid=None, text_before: int = 14, 
 _positions_view_defaults = {"image_height": 600, "image_width": 512, "video_seconds": 4.0, "fps": 2.0}
 
 
-@register_widget("08_mrope", _positions_view_defaults,
-                 [{"image_height": 1400, "image_width": 2000}, {"video_seconds": 20.0, "fps": 4.0},
-                  {"image_height": 56, "image_width": 56, "video_seconds": 0.5, "fps": 1.0}])
-def positions_view(image_height: int = 600, image_width: int = 512, video_seconds: float = 4.0, fps: float = 2.0) -> View:
+@register_widget(
+    "08_mrope",
+    _positions_view_defaults,
+    [
+        {"image_height": 1400, "image_width": 2000},
+        {"video_seconds": 20.0, "fps": 4.0},
+        {"image_height": 56, "image_width": 56, "video_seconds": 0.5, "fps": 1.0},
+    ],
+)
+def positions_view(
+    image_height: int = 600, image_width: int = 512, video_seconds: float = 4.0, fps: float = 2.0
+) -> View:
     """Positions of a chat with one image (resized as the processor does) and one video sampled at
     ``fps`` (frames of ``WIDGET_VIDEO_SIZE``): the (t, h, w) rows plot and the largest position id."""
     height, width = _resized(int(image_height), int(image_width))
     image_grid = (1, height // 14, width // 14)
     video = video_plan(float(video_seconds), float(fps))
     ids = synthetic_sequence(image_grid, video["grid_thw"])
-    positions, deltas = rope_index(ids, torch.tensor([image_grid]), torch.tensor([video["grid_thw"]]),
-                                   [video["second_per_grid_ts"]])
+    positions, deltas = rope_index(
+        ids, torch.tensor([image_grid]), torch.tensor([video["grid_thw"]]), [video["second_per_grid_ts"]]
+    )
     largest = int(positions.max())
-    figure = plot_positions(positions[:, 0], token_types(ids)[0], title=f"{ids.shape[1]} tokens, largest position id {largest}")
-    text = (f"image {image_height}×{image_width} → resized {height}×{width}, grid {image_grid}, "
-            f"{math.prod(image_grid) // 4} tokens\n"
-            f"video {video_seconds:g} s at {fps:g} fps → {video['frames']} frames, grid {video['grid_thw']}, "
-            f"{math.prod(video['grid_thw']) // 4} tokens, temporal step {2 * video['second_per_grid_ts']:g} "
-            f"(tokens_per_second 2 × {video['second_per_grid_ts']:g} s)\n"
-            f"sequence length {ids.shape[1]}, largest position id {largest}, rope_deltas {int(deltas)}")
-    return View(text=text, figure=figure,
-                data={"largest": largest, "length": ids.shape[1], "rope_deltas": int(deltas),
-                      "image_grid": image_grid, "video_grid": video["grid_thw"]})
+    figure = plot_positions(
+        positions[:, 0], token_types(ids)[0], title=f"{ids.shape[1]} tokens, largest position id {largest}"
+    )
+    text = (
+        f"image {image_height}×{image_width} → resized {height}×{width}, grid {image_grid}, "
+        f"{math.prod(image_grid) // 4} tokens\n"
+        f"video {video_seconds:g} s at {fps:g} fps → {video['frames']} frames, grid {video['grid_thw']}, "
+        f"{math.prod(video['grid_thw']) // 4} tokens, temporal step {2 * video['second_per_grid_ts']:g} "
+        f"(tokens_per_second 2 × {video['second_per_grid_ts']:g} s)\n"
+        f"sequence length {ids.shape[1]}, largest position id {largest}, rope_deltas {int(deltas)}"
+    )
+    return View(
+        text=text,
+        figure=figure,
+        data={
+            "largest": largest,
+            "length": ids.shape[1],
+            "rope_deltas": int(deltas),
+            "image_grid": image_grid,
+            "video_grid": video["grid_thw"],
+        },
+    )

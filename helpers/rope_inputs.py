@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from helpers.constants import TOKEN_PIXELS
-from helpers.tokenizer import SPECIAL_TOKENS
 from helpers.rope import IMAGE, IMAGE_TOKEN_ID, VIDEO, VIDEO_TOKEN_ID, VISION_END_ID, VISION_START_ID
+from helpers.tokenizer import SPECIAL_TOKENS
 
 EXAMPLE_CASES = ("text only", "one image", "two images", "video", "image + video", "batch of 3, left padding")
 
@@ -30,14 +30,16 @@ def moving_square_video(frames: int = 8, height: int = 112, width: int = 140) ->
     for index in range(frames):
         frame = np.full((height, width, 3), 80, np.uint8)
         left = index * (width - 28) // max(frames - 1, 1)
-        frame[height // 2 - 14:height // 2 + 14, left:left + 28] = 255
+        frame[height // 2 - 14 : height // 2 + 14, left : left + 28] = 255
         video.append(frame)
     return video
 
 
 def _chat(processor, parts: list[str], question: str) -> str:
     content = [{"type": kind} for kind in parts] + [{"type": "text", "text": question}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+    return processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
 
 
 #: Per-frame pixel bounds (shortest_edge = min, longest_edge = max) for the example video: its
@@ -68,16 +70,27 @@ def example_inputs(processor, case: str, photo=None, video_fps: float = 2.0):
         "image + video": ([_chat(processor, ["image", "video"], "Same colours?")], [small], [video]),
     }
     if case == "text only":
-        texts = [processor.apply_chat_template([{"role": "user", "content": rows[case][0][0]}],
-                                               add_generation_prompt=True, tokenize=False)]
+        texts = [
+            processor.apply_chat_template(
+                [{"role": "user", "content": rows[case][0][0]}], add_generation_prompt=True, tokenize=False
+            )
+        ]
         images = videos = None
     elif case == "batch of 3, left padding":
         texts = [_chat(processor, [], "Hi!"), rows["one image"][0][0], rows["image + video"][0][0]]
         images, videos = [photo, small], [video]
     else:
         texts, images, videos = rows[case]
-    kwargs = {"videos": videos, "video_metadata": metadata, "cap_pixels_per_frame": False,
-              "videos_kwargs": {"size": EXAMPLE_VIDEO_SIZE}} if videos else {}
+    kwargs = (
+        {
+            "videos": videos,
+            "video_metadata": metadata,
+            "cap_pixels_per_frame": False,
+            "videos_kwargs": {"size": EXAMPLE_VIDEO_SIZE},
+        }
+        if videos
+        else {}
+    )
     old_side = processor.tokenizer.padding_side
     processor.tokenizer.padding_side = "left"
     try:
@@ -98,7 +111,7 @@ def cached_decode_logits(model, inputs: dict, new_tokens: int) -> torch.Tensor:
         out = model(**inputs, cache=cache, use_cache=True)
         logits.append(out.logits[:, -1])
         for _ in range(new_tokens - 1):
-            token = logits[-1].argmax(-1, keepdim=True)                 # (batch, 1)
+            token = logits[-1].argmax(-1, keepdim=True)  # (batch, 1)
             logits.append(model(input_ids=token, cache=out.cache, use_cache=True).logits[:, -1])
     return torch.stack(logits, dim=1)
 
@@ -125,12 +138,15 @@ def random_batch(rng) -> dict:
     input_ids = torch.full((len(rows), length), SPECIAL_TOKENS["<|endoftext|>"])
     mask = torch.zeros_like(input_ids)
     for index, (ids, *_rest) in enumerate(rows):
-        input_ids[index, length - len(ids):] = torch.tensor(ids)
-        mask[index, length - len(ids):] = 1
+        input_ids[index, length - len(ids) :] = torch.tensor(ids)
+        mask[index, length - len(ids) :] = 1
     images = [g for r in rows for g in r[1]]
     videos = [g for r in rows for g in r[2]]
     seconds = [s for r in rows for s in r[3]]
-    return {"input_ids": input_ids, "attention_mask": mask,
-            "image_grid_thw": torch.tensor(images) if images else None,
-            "video_grid_thw": torch.tensor(videos) if videos else None,
-            "second_per_grid_ts": seconds or None}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "image_grid_thw": torch.tensor(images) if images else None,
+        "video_grid_thw": torch.tensor(videos) if videos else None,
+        "second_per_grid_ts": seconds or None,
+    }

@@ -52,8 +52,14 @@ def _segments(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch
     return torch.where(valid, cu[:-1, None] + offsets[None], 0), valid
 
 
-def segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
-                      causal: bool = False, scale: float | None = None) -> torch.Tensor:
+def segment_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
     """Attention inside each segment of ``cu_seqlens`` only; (total, heads, d) in and out, keys and
     values may have fewer heads (grouped-query attention). Mirrors flash attention's
     ``flash_attn_varlen_func`` (what transformers calls with ``cu_seq_lens_q``)."""
@@ -116,20 +122,24 @@ def use_segment_attention(visual) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def text_segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None,
-                           **kwargs):
+def text_segment_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_ids=None, **kwargs
+):
     """An ``AttentionInterface`` function: causal attention inside each packed conversation.
 
     ``query`` (1, heads, T, d); the conversations start where ``position_ids`` (the packed row's text
     positions, which the text model passes down) is 0. Returns (1, T, heads, d), as transformers'
     ``sdpa_attention_forward`` does."""
     if query.shape[0] != 1 or position_ids is None:
-        raise ValueError(f"query batch {query.shape[0]}, position_ids {'missing' if position_ids is None else 'given'}: "
-                         "the 'segment' attention expects one packed row and its 4-row position ids")
+        raise ValueError(
+            f"query batch {query.shape[0]}, position_ids {'missing' if position_ids is None else 'given'}: "
+            "the 'segment' attention expects one packed row and its 4-row position ids"
+        )
     starts = (position_ids[0] == 0).nonzero().flatten()
     cu = torch.cat([starts, torch.tensor([query.shape[2]], device=starts.device)])
-    out = segment_attention(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu,
-                            causal=True, scale=scaling)
+    out = segment_attention(
+        query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu, causal=True, scale=scaling
+    )
     return out[None], None
 
 

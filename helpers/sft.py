@@ -32,16 +32,15 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import helpers  # noqa: F401  (offline settings before transformers loads)
-
 import torch
 import torch.nn.functional as F
 
+import helpers  # noqa: F401  (offline settings before transformers loads)
 from helpers import checkpoints
-from helpers.optim import lr_factor, make_optimizer
 from helpers.chat import IGNORE_INDEX, assistant_loss_mask, labels_from_mask
 from helpers.data import Sample, sample_messages
 from helpers.evaluation import unwrap
+from helpers.optim import lr_factor, make_optimizer
 from helpers.packing import PackingCollator, token_count
 from helpers.tokenizer import SPECIAL_TOKENS
 
@@ -54,7 +53,9 @@ PAD_ID = SPECIAL_TOKENS["<|endoftext|>"]
 # ---------------------------------------------------------------------------------------------
 
 
-def encode_samples(processor, samples: list[Sample], with_answer: bool = True, max_length: int | None = None) -> list[dict]:
+def encode_samples(
+    processor, samples: list[Sample], with_answer: bool = True, max_length: int | None = None
+) -> list[dict]:
     """Each sample → ``{"input_ids", "labels", "pixel_values", "image_grid_thw"}`` (1-D ids, no padding).
 
     Mirrors what TRL's ``DataCollatorForVisionLanguageModeling`` does before padding: the chat
@@ -64,8 +65,12 @@ def encode_samples(processor, samples: list[Sample], with_answer: bool = True, m
     """
     if not samples:
         raise ValueError("samples is empty: expected at least one Sample")
-    texts = [processor.apply_chat_template(sample_messages(s, with_answer), tokenize=False,
-                                           add_generation_prompt=not with_answer) for s in samples]
+    texts = [
+        processor.apply_chat_template(
+            sample_messages(s, with_answer), tokenize=False, add_generation_prompt=not with_answer
+        )
+        for s in samples
+    ]
     enc = processor(text=texts, images=[s.image for s in samples], padding=True, return_tensors="pt")
     merge = processor.image_processor.merge_size
     patches = enc["image_grid_thw"].prod(-1).tolist()  # patches per image
@@ -77,9 +82,16 @@ def encode_samples(processor, samples: list[Sample], with_answer: bool = True, m
         if max_length is not None:
             ids, types = ids[:max_length], types[:max_length]
         mask = assistant_loss_mask(ids) if with_answer else torch.zeros_like(ids)
-        items.append({"input_ids": ids, "labels": labels_from_mask(ids, mask), "mm_token_type_ids": types,
-                      "pixel_values": pixel_rows[row], "image_grid_thw": enc["image_grid_thw"][row:row + 1],
-                      "merge": merge})
+        items.append(
+            {
+                "input_ids": ids,
+                "labels": labels_from_mask(ids, mask),
+                "mm_token_type_ids": types,
+                "pixel_values": pixel_rows[row],
+                "image_grid_thw": enc["image_grid_thw"][row : row + 1],
+                "merge": merge,
+            }
+        )
     return items
 
 
@@ -98,9 +110,14 @@ def pad_batch(items: list[dict], pad_id: int = PAD_ID, side: str = "right") -> d
         where = slice(width - n, width) if side == "left" else slice(0, n)
         ids[row, where], labels[row, where], attention[row, where] = it["input_ids"], it["labels"], 1
         types[row, where] = it["mm_token_type_ids"]
-    return {"input_ids": ids, "attention_mask": attention, "mm_token_type_ids": types, "labels": labels,
-            "pixel_values": torch.cat([it["pixel_values"] for it in items]),
-            "image_grid_thw": torch.cat([it["image_grid_thw"] for it in items])}
+    return {
+        "input_ids": ids,
+        "attention_mask": attention,
+        "mm_token_type_ids": types,
+        "labels": labels,
+        "pixel_values": torch.cat([it["pixel_values"] for it in items]),
+        "image_grid_thw": torch.cat([it["image_grid_thw"] for it in items]),
+    }
 
 
 def check_batch(batch: dict, merge_size: int = 2, need_labels: bool = True) -> None:
@@ -118,13 +135,16 @@ def check_batch(batch: dict, merge_size: int = 2, need_labels: bool = True) -> N
             raise ValueError(
                 f"row {row} has {int(pads[row])} <|image_pad|> tokens but its image gives {int(need[row])} features "
                 f"(grid {batch['image_grid_thw'][row].tolist()}): max_length truncated the image; raise max_length "
-                f"to at least the longest sample, or drop samples that do not fit (trap #6)")
+                f"to at least the longest sample, or drop samples that do not fit (trap #6)"
+            )
     if need_labels:
         labelled = (batch["labels"] != IGNORE_INDEX).sum(-1)
         empty = [r for r in range(len(labelled)) if labelled[r] == 0]
         if empty:
-            raise ValueError(f"rows {empty} have no labelled token: max_length truncated their answer away; "
-                             f"raise max_length (longest row has {batch['input_ids'].shape[1]} tokens)")
+            raise ValueError(
+                f"rows {empty} have no labelled token: max_length truncated their answer away; "
+                f"raise max_length (longest row has {batch['input_ids'].shape[1]} tokens)"
+            )
 
 
 class SFTCollator:
@@ -169,12 +189,12 @@ def labelled_loss(model, batch: dict, reduction: str = "mean") -> torch.Tensor:
     base = unwrap(model)
     inputs = {k: batch[k] for k in (*MODEL_INPUTS, "position_ids") if k in batch}  # packed rows: no attention_mask
     hidden = base.model(**inputs, use_cache=False).last_hidden_state  # (B, T, D)
-    labels = batch["labels"][:, 1:]                   # (B, T-1): the token each position predicts
-    keep = labels != IGNORE_INDEX                     # (B, T-1)
-    logits = base.lm_head(hidden[:, :-1][keep])       # (N, V), N = labelled tokens ≪ B·T
+    labels = batch["labels"][:, 1:]  # (B, T-1): the token each position predicts
+    keep = labels != IGNORE_INDEX  # (B, T-1)
+    logits = base.lm_head(hidden[:, :-1][keep])  # (N, V), N = labelled tokens ≪ B·T
     if reduction != "answer_sum":
         return F.cross_entropy(logits.float(), labels[keep], reduction=reduction)
-    per_token = F.cross_entropy(logits.float(), labels[keep], reduction="none")         # (N,)
+    per_token = F.cross_entropy(logits.float(), labels[keep], reduction="none")  # (N,)
     rows = torch.arange(len(labels), device=labels.device)[:, None].expand_as(labels)[keep]
     per_row = torch.zeros(len(labels), device=labels.device).index_add(0, rows, per_token)
     return (per_row / keep.sum(1).clamp(min=1)).sum()
@@ -210,7 +230,7 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int = 0) -> list[int
     per_epoch = max(1, n // batch_size)
     epoch, offset = divmod(step, per_epoch)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    return order[offset * batch_size:(offset + 1) * batch_size].tolist()
+    return order[offset * batch_size : (offset + 1) * batch_size].tolist()
 
 
 class _StepBatches(torch.utils.data.Sampler):
@@ -238,7 +258,7 @@ class TrainResult:
     """What ``train`` returns: the trained model and its per-step history."""
 
     model: object
-    history: dict = field(default_factory=dict)   # step, loss, lr, grad_norm, tokens, seconds
+    history: dict = field(default_factory=dict)  # step, loss, lr, grad_norm, tokens, seconds
     state: dict = field(default_factory=dict)
     optimizer: object = None
 
@@ -256,8 +276,16 @@ def _dist():
 AVERAGES = ("token", "answer")
 
 
-def train_step(loss_module, optimizer, micro: list[dict], lr: float, world: int = 1, clip: float = 1.0,
-               bf16: bool = False, average: str = "token") -> dict:
+def train_step(
+    loss_module,
+    optimizer,
+    micro: list[dict],
+    lr: float,
+    world: int = 1,
+    clip: float = 1.0,
+    bf16: bool = False,
+    average: str = "token",
+) -> dict:
     """One optimiser step over the micro-batches ``micro``: the lesson of section 6.
 
     The step's loss is the mean over all its labelled tokens: each micro-batch's summed loss is
@@ -265,16 +293,21 @@ def train_step(loss_module, optimizer, micro: list[dict], lr: float, world: int 
     accumulation gives the gradient of one big batch. ``average="answer"`` makes it the mean over
     answers of each answer's mean token loss instead. Then clip, set the learning rate, step."""
     device = micro[0]["input_ids"].device
-    unit = (lambda b: (b["labels"][:, 1:] != IGNORE_INDEX).sum()) if average == "token" else (
-        lambda b: (b["labels"][:, 1:] != IGNORE_INDEX).any(1).sum())
+    unit = (
+        (lambda b: (b["labels"][:, 1:] != IGNORE_INDEX).sum())
+        if average == "token"
+        else (lambda b: (b["labels"][:, 1:] != IGNORE_INDEX).any(1).sum())
+    )
     count = torch.tensor(float(sum(int(unit(b)) for b in micro)), device=device)
     if world > 1:
         torch.distributed.all_reduce(count)
     total = torch.zeros((), device=device)
     for i, batch in enumerate(micro):
         last = world == 1 or i == len(micro) - 1
-        with contextlib.nullcontext() if last else loss_module.no_sync(), \
-                torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with (
+            contextlib.nullcontext() if last else loss_module.no_sync(),
+            torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
+        ):
             loss_sum = loss_module(batch, "sum" if average == "token" else "answer_sum")
         (loss_sum * world / count).backward()  # DDP averages over ranks: × world makes it the global mean
         total += loss_sum.detach()
@@ -286,16 +319,42 @@ def train_step(loss_module, optimizer, micro: list[dict], lr: float, world: int 
         group["lr"] = lr * group.get("lr_scale", 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": float(total / count), "grad_norm": float(norm), "lr": lr,
-            "tokens": sum(token_count(b) for b in micro)}
+    return {
+        "loss": float(total / count),
+        "grad_norm": float(norm),
+        "lr": lr,
+        "tokens": sum(token_count(b) for b in micro),
+    }
 
 
-def train(model, processor, data, *, steps: int, batch_size: int = 8, grad_accum: int = 1, lr: float = 1e-3,
-          warmup: int = 10, weight_decay: float = 0.0, lr_scales: dict | None = None, clip: float = 1.0, seed: int = 0,
-          lr_floor: float = 0.1,
-          device=None, bf16: bool | None = None, num_workers: int = 0, checkpoint_dir=None, save_every: int = 0,
-          resume_from=None, stop_at: int | None = None, progress: bool = True, log: list | None = None,
-          max_seconds: float | None = None, average: str = "token", pack: bool = False) -> TrainResult:
+def train(
+    model,
+    processor,
+    data,
+    *,
+    steps: int,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    lr: float = 1e-3,
+    warmup: int = 10,
+    weight_decay: float = 0.0,
+    lr_scales: dict | None = None,
+    clip: float = 1.0,
+    seed: int = 0,
+    lr_floor: float = 0.1,
+    device=None,
+    bf16: bool | None = None,
+    num_workers: int = 0,
+    checkpoint_dir=None,
+    save_every: int = 0,
+    resume_from=None,
+    stop_at: int | None = None,
+    progress: bool = True,
+    log: list | None = None,
+    max_seconds: float | None = None,
+    average: str = "token",
+    pack: bool = False,
+) -> TrainResult:
     """Train ``model`` on ``data`` (a list of Samples or a ``ShapesStream``) for ``steps`` optimiser steps.
 
     One step = ``grad_accum`` micro-batches of ``batch_size`` samples per process (``train_step``).
@@ -331,13 +390,18 @@ def train(model, processor, data, *, steps: int, batch_size: int = 8, grad_accum
     model.train()
     loss_module = SFTLoss(model)
     if world > 1:
-        loss_module = torch.nn.parallel.DistributedDataParallel(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+        loss_module = torch.nn.parallel.DistributedDataParallel(
+            loss_module, device_ids=[device.index] if device.type == "cuda" else None
+        )
     stop = min(steps, stop_at or steps)
     loader = torch.utils.data.DataLoader(
-        data, batch_sampler=_StepBatches(len(data), batch_size, start * grad_accum, stop * grad_accum, seed, rank, world),
-        collate_fn=PackingCollator(processor) if pack else SFTCollator(processor), num_workers=num_workers,
+        data,
+        batch_sampler=_StepBatches(len(data), batch_size, start * grad_accum, stop * grad_accum, seed, rank, world),
+        collate_fn=PackingCollator(processor) if pack else SFTCollator(processor),
+        num_workers=num_workers,
         pin_memory=device.type == "cuda",
-        prefetch_factor=4 if num_workers else None)
+        prefetch_factor=4 if num_workers else None,
+    )
     batches = iter(loader)
     from tqdm.auto import tqdm
 
@@ -345,7 +409,9 @@ def train(model, processor, data, *, steps: int, batch_size: int = 8, grad_accum
     clock, step = time.perf_counter(), start
     while step < stop:
         micro = [{k: v.to(device, non_blocking=True) for k, v in next(batches).items()} for _ in range(grad_accum)]
-        out = train_step(loss_module, optimizer, micro, lr * lr_factor(step, steps, warmup, lr_floor), world, clip, bf16, average)
+        out = train_step(
+            loss_module, optimizer, micro, lr * lr_factor(step, steps, warmup, lr_floor), world, clip, bf16, average
+        )
         step += 1
         for key, value in (("step", step), *out.items(), ("seconds", time.perf_counter() - clock)):
             history[key].append(value)
@@ -360,8 +426,9 @@ def train(model, processor, data, *, steps: int, batch_size: int = 8, grad_accum
             signature["steps"] = steps
             bar.total = stop - start
         if checkpoint_dir is not None and rank == 0 and (step == stop or (save_every and step % save_every == 0)):
-            checkpoints.save_checkpoint(checkpoint_dir, model, processor, {"step": step, "history": history,
-                                                                           "signature": signature}, optimizer)
+            checkpoints.save_checkpoint(
+                checkpoint_dir, model, processor, {"step": step, "history": history, "signature": signature}, optimizer
+            )
     bar.close()
     model.eval()
     return TrainResult(model, history, {"step": stop, "steps": steps, "world": world}, optimizer)
@@ -372,31 +439,67 @@ def train(model, processor, data, *, steps: int, batch_size: int = 8, grad_accum
 # ---------------------------------------------------------------------------------------------
 
 
-def trl_trainer(model, processor, data, *, steps: int, batch_size: int = 8, lr: float = 1e-3, warmup: int = 10,
-                output_dir: str = "/tmp/trl_sft", bf16: bool = False, seed: int = 0, lr_scales: dict | None = None,
-                stop_at: int | None = None, **extra):
+def trl_trainer(
+    model,
+    processor,
+    data,
+    *,
+    steps: int,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    warmup: int = 10,
+    output_dir: str = "/tmp/trl_sft",
+    bf16: bool = False,
+    seed: int = 0,
+    lr_scales: dict | None = None,
+    stop_at: int | None = None,
+    **extra,
+):
     """TRL's ``SFTTrainer`` on the same model, data and collator (so the same labels), with the same
     AdamW groups as ``train`` (``make_optimizer``, handed to the Trainer, which adds the schedule).
     ``stop_at`` ends training after that many steps while the schedule still spans ``steps``."""
     from trl import SFTConfig, SFTTrainer
 
     collator = SFTCollator(processor)
-    args = SFTConfig(output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size,
-                     learning_rate=lr, warmup_steps=warmup, lr_scheduler_type="cosine_with_min_lr",
-                     lr_scheduler_kwargs={"min_lr_rate": 0.1}, weight_decay=0.0,
-                     adam_beta2=0.95, max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to="none",
-                     remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
-                     bf16=bf16, use_cpu=not torch.cuda.is_available(), seed=seed, data_seed=seed,
-                     disable_tqdm=True, **{"dataloader_num_workers": 0, **extra})
+    args = SFTConfig(
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=lr,
+        warmup_steps=warmup,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1},
+        weight_decay=0.0,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,
+        bf16=bf16,
+        use_cpu=not torch.cuda.is_available(),
+        seed=seed,
+        data_seed=seed,
+        disable_tqdm=True,
+        **{"dataloader_num_workers": 0, **extra},
+    )
     from datasets import Dataset
-
     from transformers import PrinterCallback
 
     # TRL wants a datasets.Dataset: rows hold only an index; the collator draws the samples themselves.
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"index": list(range(len(data)))}),
-                         processing_class=processor, data_collator=lambda rows: collator([data[r["index"]] for r in rows]),
-                         optimizers=(make_optimizer(model, lr, 0.0, lr_scales=lr_scales), None))
-    trainer.remove_callback(PrinterCallback)  # its per-step dicts would flood a notebook; read trainer.state.log_history
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict({"index": list(range(len(data)))}),
+        processing_class=processor,
+        data_collator=lambda rows: collator([data[r["index"]] for r in rows]),
+        optimizers=(make_optimizer(model, lr, 0.0, lr_scales=lr_scales), None),
+    )
+    trainer.remove_callback(
+        PrinterCallback
+    )  # its per-step dicts would flood a notebook; read trainer.state.log_history
     if stop_at is not None:
         from transformers import TrainerCallback
 

@@ -14,11 +14,10 @@ from helpers.data import make_split
 from helpers.plots import COLOURS, new_figure
 from helpers.profiles import settings
 from helpers.qwen import load_processor
-from helpers.tokenizer import SPECIAL_TOKENS
 from helpers.rewards import parse_answer, score
 from helpers.sft import IMAGE_PAD, check_batch, encode_samples, pad_batch
+from helpers.tokenizer import SPECIAL_TOKENS
 from helpers.widgets import View, register_widget
-
 
 TOKEN_KINDS = ("system / user text", "special", "vision", "answer (labelled)", "padding")
 
@@ -47,8 +46,13 @@ def plot_batch(batch: dict, processor=None, width: float = 9.0):
     ax.set_ylabel("sample")
     ax.grid(False)
     ax.set_yticks(range(len(kinds)))
-    ax.legend(handles=[Patch(color=c, label=k) for c, k in zip(colours, TOKEN_KINDS)], ncols=5,
-              loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(kinds) > 4 else -0.45), fontsize=8)
+    ax.legend(
+        handles=[Patch(color=c, label=k) for c, k in zip(colours, TOKEN_KINDS)],
+        ncols=5,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.25 if len(kinds) > 4 else -0.45),
+        fontsize=8,
+    )
     return figure
 
 
@@ -59,7 +63,7 @@ def plot_training(history: dict, after: dict | None = None, title: str = "SFT", 
     ax.plot(steps, loss, color=COLOURS["loss"], alpha=0.35, lw=0.8, label="loss per step")
     if len(loss) >= smooth:
         running = loss.unfold(0, smooth, 1).mean(-1)
-        ax.plot(steps[smooth - 1:], running, color=COLOURS["loss"], label=f"mean of {smooth}")
+        ax.plot(steps[smooth - 1 :], running, color=COLOURS["loss"], label=f"mean of {smooth}")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (labelled tokens)")
@@ -69,8 +73,15 @@ def plot_training(history: dict, after: dict | None = None, title: str = "SFT", 
     ax_lr.set_xlabel("step")
     ax_lr.set_ylabel("learning rate")
     if after:
-        ax_lr.set_title("after: " + "; ".join(f"{split} " + ", ".join(f"{t} {v:.2f}" for t, v in scores.items())
-                                            for split, scores in after.items() if split != "val"), fontsize=7)
+        ax_lr.set_title(
+            "after: "
+            + "; ".join(
+                f"{split} " + ", ".join(f"{t} {v:.2f}" for t, v in scores.items())
+                for split, scores in after.items()
+                if split != "val"
+            ),
+            fontsize=7,
+        )
     return figure
 
 
@@ -94,8 +105,17 @@ def plot_predictions(pairs: list, ncols: int = 6, size: float = 1.6):
             ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, ec=COLOURS["image"], lw=1.5))
             box = parse_answer("grounding", text)
             if box is not None:
-                ax.add_patch(Rectangle((box[0] - 0.5, box[1] - 0.5), box[2] - box[0], box[3] - box[1], fill=False,
-                                       ec=COLOURS["loss"], lw=1.5, ls="--"))
+                ax.add_patch(
+                    Rectangle(
+                        (box[0] - 0.5, box[1] - 0.5),
+                        box[2] - box[0],
+                        box[3] - box[1],
+                        fill=False,
+                        ec=COLOURS["loss"],
+                        lw=1.5,
+                        ls="--",
+                    )
+                )
             shown = f"IoU {ok:.2f}"
         else:
             shown = f"→ {text.strip()[:12]!r} ({'✓' if ok == 1 else '✗'})"
@@ -109,7 +129,7 @@ _WIDGET_CACHE: dict = {}
 def _widget_batch():
     if "items" not in _WIDGET_CACHE:
         data = settings("sft").data
-        processor = load_processor(min_pixels=TOKEN_PIXELS, max_pixels=data.image_size ** 2)
+        processor = load_processor(min_pixels=TOKEN_PIXELS, max_pixels=data.image_size**2)
         samples = make_split("val", 6, 0, **data)
         _WIDGET_CACHE.update(processor=processor, samples=samples, items=encode_samples(processor, samples))
     return _WIDGET_CACHE
@@ -124,10 +144,14 @@ def batch_view(row: int = 0, max_length: int = 0) -> View:
     cache = _widget_batch()
     rows = len(cache["items"])
     if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < rows:
-        return View(text=f"not accepted: row={row!r}: expected a row in [0, {rows - 1}]", data={"error": f"row={row!r}"})
+        return View(
+            text=f"not accepted: row={row!r}: expected a row in [0, {rows - 1}]", data={"error": f"row={row!r}"}
+        )
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 0:
-        return View(text=f"not accepted: max_length={max_length!r}: expected an integer ≥ 0 (0: no truncation)",
-                    data={"error": f"max_length={max_length!r}"})
+        return View(
+            text=f"not accepted: max_length={max_length!r}: expected an integer ≥ 0 (0: no truncation)",
+            data={"error": f"max_length={max_length!r}"},
+        )
     item = dict(cache["items"][row])
     if max_length:
         item = {**item, "input_ids": item["input_ids"][:max_length], "labels": item["labels"][:max_length]}
@@ -148,7 +172,7 @@ def batch_view(row: int = 0, max_length: int = 0) -> View:
     sample = cache["samples"][row]
     head = f"<b>{html_lib.escape(sample.question)}</b> → {html_lib.escape(sample.answer)}<br>"
     body = "<div style='font-family:monospace;font-size:12px;line-height:1.6'>" + "".join(pieces) + "</div>"
-    return View(html=head + body + f"<p>{html_lib.escape(status)}</p>",
-                data={"tokens": len(kinds), "labelled": sum(k == 3 for k in kinds), "status": status})
-
-
+    return View(
+        html=head + body + f"<p>{html_lib.escape(status)}</p>",
+        data={"tokens": len(kinds), "labelled": sum(k == 3 for k in kinds), "status": status},
+    )

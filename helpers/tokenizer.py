@@ -20,15 +20,14 @@ import os
 from importlib import resources
 from pathlib import Path
 
-import helpers  # noqa: F401  (sets HF_HUB_OFFLINE before transformers loads)
 import tokenizers
 import transformers
 from tokenizers import AddedToken
 from transformers import Qwen2Tokenizer
 
+import helpers  # noqa: F401  (sets HF_HUB_OFFLINE before transformers loads)
 from helpers import cache
 from helpers.cache import cache_dir
-
 
 # ---------------------------------------------------------------------------------------------
 # Tokens
@@ -43,13 +42,28 @@ SPECIAL_TOKENS: dict[str, int] = {
     name: FIRST_SPECIAL_ID + offset
     for offset, name in enumerate(
         [
-            "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-            "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
-            "<|quad_start|>", "<|quad_end|>",
-            "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
-            "<tool_call>", "</tool_call>",
-            "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-            "<|repo_name|>", "<|file_sep|>",
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|object_ref_start|>",
+            "<|object_ref_end|>",
+            "<|box_start|>",
+            "<|box_end|>",
+            "<|quad_start|>",
+            "<|quad_end|>",
+            "<|vision_start|>",
+            "<|vision_end|>",
+            "<|vision_pad|>",
+            "<|image_pad|>",
+            "<|video_pad|>",
+            "<tool_call>",
+            "</tool_call>",
+            "<|fim_prefix|>",
+            "<|fim_middle|>",
+            "<|fim_suffix|>",
+            "<|fim_pad|>",
+            "<|repo_name|>",
+            "<|file_sep|>",
         ]
     )
 }
@@ -103,7 +117,7 @@ CHAT_TEMPLATE = (
     "<|vision_start|><|video_pad|><|vision_end|>"
     "{% elif kind == 'text' %}"
     "{% if part['text'] is not string %}"
-    "{{ raise_exception('text part ' ~ part ~ ' has no string \"text\"; expected {\"type\": \"text\", \"text\": \"...\"}') }}"
+    '{{ raise_exception(\'text part \' ~ part ~ \' has no string "text"; expected {"type": "text", "text": "..."}\') }}'
     "{% endif %}"
     "{{ part['text'] }}"
     "{% else %}"
@@ -125,8 +139,16 @@ CHAT_TEMPLATE = (
 
 
 #: Added tokens the checkpoint marks ``"special": false`` (ids 151657–151664).
-NOT_SPECIAL = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
-               "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
+NOT_SPECIAL = (
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+)
 
 #: The checkpoint's own chat template (tokenizer_config.json and chat_template.json). Unlike
 #: ``CHAT_TEMPLATE`` it renders any role and silently drops content parts it does not know.
@@ -151,14 +173,21 @@ QWEN25VL_CHAT_TEMPLATE = (
 QWEN25VL_CHAT_TEMPLATE_SHA256 = "4df95d05455c2a6f762616492bba63d0f9bef904ef47daabad35f5715d6d2e4e"
 
 
-
 def checkpoint_tokenizer_config() -> dict:
     """The checkpoint's tokenizer_config.json (JSON values): the 22 added tokens with their flags
     (``NOT_SPECIAL`` false, the rest true), the 13 ``additional_special_tokens`` (``<|im_start|>`` …
     ``<|video_pad|>``), eos ``<|im_end|>``, pad ``<|endoftext|>``, no bos/unk, the chat template."""
-    added = {str(token_id): {"content": name, "lstrip": False, "normalized": False, "rstrip": False,
-                             "single_word": False, "special": name not in NOT_SPECIAL}
-             for name, token_id in SPECIAL_TOKENS.items()}
+    added = {
+        str(token_id): {
+            "content": name,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": name not in NOT_SPECIAL,
+        }
+        for name, token_id in SPECIAL_TOKENS.items()
+    }
     return {
         "add_prefix_space": False,
         "added_tokens_decoder": added,
@@ -174,6 +203,7 @@ def checkpoint_tokenizer_config() -> dict:
         "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,
     }
+
 
 # ---------------------------------------------------------------------------------------------
 # Tokenizer: qwen.tiktoken → a fast byte-level BPE tokenizer (cached)
@@ -256,7 +286,12 @@ def build_tokenizer(vocabulary: str | os.PathLike | None = None) -> Qwen2Tokeniz
     versions = f"transformers{transformers.__version__}-tokenizers{tokenizers.__version__}"
     folder = cache_dir() / f"tokenizer-{digest[:16]}-v{_CONVERTER_VERSION}-{versions}"
     settings = hashlib.sha256(json.dumps(checkpoint_tokenizer_config(), sort_keys=True).encode()).hexdigest()
-    about = {"source_sha256": digest, "converter": _CONVERTER_VERSION, "versions": versions, "settings_sha256": settings}
+    about = {
+        "source_sha256": digest,
+        "converter": _CONVERTER_VERSION,
+        "versions": versions,
+        "settings_sha256": settings,
+    }
     problem = cache.verify(folder, **about)
     if problem is None:
         tokenizer = _load_tokenizer_files(folder)
@@ -296,8 +331,17 @@ def convert_tokenizer(vocabulary: Path) -> Qwen2Tokenizer:
         raise ValueError(f"{vocabulary} has {len(ranks)} tokens; a Qwen2.5 vocabulary has {FIRST_SPECIAL_ID}")
     vocab, merges = bpe_vocab_and_merges(ranks)
     config = checkpoint_tokenizer_config()  # the arguments from_pretrained reads from a real folder
-    settings = ("bos_token", "eos_token", "pad_token", "unk_token", "errors", "model_max_length",
-                "clean_up_tokenization_spaces", "split_special_tokens", "add_prefix_space")
+    settings = (
+        "bos_token",
+        "eos_token",
+        "pad_token",
+        "unk_token",
+        "errors",
+        "model_max_length",
+        "clean_up_tokenization_spaces",
+        "split_special_tokens",
+        "add_prefix_space",
+    )
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,

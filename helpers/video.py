@@ -96,8 +96,10 @@ def synthetic_video(seconds: float = 10.0, fps: int = 30, width: int = 320, heig
             raise ValueError(f"{name}={value}: expected an even number ≥ 16 (H.264 with yuv420p)")
     total = round(seconds * fps)
     if not FRAME_FACTOR <= total <= MAX_CLIP_FRAMES or width * height > MAX_CLIP_PIXELS:
-        raise ValueError(f"seconds={seconds} at fps={fps} gives {total} frames of {width}×{height}; the synthetic "
-                         f"clip has {FRAME_FACTOR} to {MAX_CLIP_FRAMES} frames of at most {MAX_CLIP_PIXELS} pixels")
+        raise ValueError(
+            f"seconds={seconds} at fps={fps} gives {total} frames of {width}×{height}; the synthetic "
+            f"clip has {FRAME_FACTOR} to {MAX_CLIP_FRAMES} frames of at most {MAX_CLIP_PIXELS} pixels"
+        )
     from helpers import cache
 
     path = cache.cache_dir() / "videos" / f"moving-disc-{total}f-{fps}fps-{width}x{height}.mp4"
@@ -214,14 +216,20 @@ def frame_range(ele: dict, total_frames: int, video_fps: float) -> tuple[int, in
     start, end = ele.get("video_start"), ele.get("video_end")
     duration = total_frames / video_fps
     for name, value in (("video_start", start), ("video_end", end)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        ):
             raise ValueError(f"{name}={value!r}: expected a time in seconds in [0, {duration:g}]")
     if start is None and end is None:
         return 0, total_frames - 1, total_frames
     if start is not None and end is not None and start >= end:
         raise ValueError(f"video_start={start} ≥ video_end={end}: need start < end, both in [0, {duration:g}] s")
     first = math.ceil(max(0.0, min(start, duration)) * video_fps) if start is not None else 0
-    last = min(math.floor(max(0.0, min(end, duration)) * video_fps), total_frames - 1) if end is not None else total_frames - 1
+    last = (
+        min(math.floor(max(0.0, min(end, duration)) * video_fps), total_frames - 1)
+        if end is not None
+        else total_frames - 1
+    )
     if first >= last:
         raise ValueError(
             f"video_start={start}, video_end={end} select frames {first}..{last}: need at least two frames "
@@ -244,8 +252,9 @@ def sampled_frames(ele: dict, total_frames: int, video_fps: float) -> tuple[list
     return indices, nframes / count * video_fps
 
 
-def video_grid(nframes: int, height: int, width: int, patch_size: int = 14, temporal_patch_size: int = 2,
-               merge_size: int = 2) -> dict:
+def video_grid(
+    nframes: int, height: int, width: int, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2
+) -> dict:
     """Grid and LLM token count of ``nframes`` frames already resized to height × width.
 
     grid_t = ceil(nframes / 2) (an odd count is padded by repeating the last frame), grid_h =
@@ -258,14 +267,25 @@ def video_grid(nframes: int, height: int, width: int, patch_size: int = 14, temp
         raise ValueError(f"height={height}, width={width}: both must be multiples of {factor} (resize first)")
     grid_t = -(-nframes // temporal_patch_size)
     grid_h, grid_w = height // patch_size, width // patch_size
-    return dict(grid_t=grid_t, grid_h=grid_h, grid_w=grid_w, patches=grid_t * grid_h * grid_w,
-                tokens=grid_t * grid_h * grid_w // merge_size**2,
-                tokens_per_grid_t=grid_h * grid_w // merge_size**2)
+    return dict(
+        grid_t=grid_t,
+        grid_h=grid_h,
+        grid_w=grid_w,
+        patches=grid_t * grid_h * grid_w,
+        tokens=grid_t * grid_h * grid_w // merge_size**2,
+        tokens_per_grid_t=grid_h * grid_w // merge_size**2,
+    )
 
 
-def fetch_video_frame_size(nframes: int, height: int, width: int, min_pixels: int | None = None,
-                           max_pixels: int | None = None, total_pixels: float | None = None,
-                           model_seq_len: int = 128000) -> tuple[int, int]:
+def fetch_video_frame_size(
+    nframes: int,
+    height: int,
+    width: int,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
+    total_pixels: float | None = None,
+    model_seq_len: int = 128000,
+) -> tuple[int, int]:
     """The (height, width) ``qwen_vl_utils.fetch_video`` resizes ``nframes`` decoded frames to.
 
     Mirrors its budget: per frame at least ``min_pixels`` (128·28² by default) and at most
@@ -318,8 +338,10 @@ def check_video_file(path: str | os.PathLike) -> tuple[int, float]:
     try:
         reader = decord.VideoReader(str(path))
     except Exception as error:  # decord raises its own DECORDError
-        raise ValueError(f"video file {path.name!r} could not be decoded ({type(error).__name__}); "
-                         "expected a video decord can read (e.g. H.264 .mp4)") from None
+        raise ValueError(
+            f"video file {path.name!r} could not be decoded ({type(error).__name__}); "
+            "expected a video decord can read (e.g. H.264 .mp4)"
+        ) from None
     return len(reader), float(reader.get_avg_fps())
 
 
@@ -383,8 +405,14 @@ WIDGET_CLIP = dict(seconds=10.0, fps=30, width=320, height=240)
 MAX_THUMBNAILS = 8
 
 
-def timeline_view(fps: float = 2.0, min_frames: int = 4, max_frames: int = 64, start: float = 0.0,
-                  end: float = 10.0, tokens_per_second: int = 2) -> View:
+def timeline_view(
+    fps: float = 2.0,
+    min_frames: int = 4,
+    max_frames: int = 64,
+    start: float = 0.0,
+    end: float = 10.0,
+    tokens_per_second: int = 2,
+) -> View:
     """Widget: sampling settings → which source frames are read, how they pair into temporal
     patches, the seconds per temporal patch, and the video token count."""
     path = synthetic_video(**WIDGET_CLIP)
@@ -397,18 +425,32 @@ def timeline_view(fps: float = 2.0, min_frames: int = 4, max_frames: int = 64, s
     size = fetch_video_frame_size(len(indices), WIDGET_CLIP["height"], WIDGET_CLIP["width"])
     grid = video_grid(len(indices), *size)
     second_per_grid_t = 2 / sample_fps
-    data = dict(indices=indices, nframes=len(indices), sample_fps=sample_fps, second_per_grid_t=second_per_grid_t,
-                temporal_position_step=second_per_grid_t * tokens_per_second, **grid)
+    data = dict(
+        indices=indices,
+        nframes=len(indices),
+        sample_fps=sample_fps,
+        second_per_grid_t=second_per_grid_t,
+        temporal_position_step=second_per_grid_t * tokens_per_second,
+        **grid,
+    )
     figure = timeline_figure(indices, int(total), video_fps, thumbnails(str(path)), (start, end))
-    text = (f"{len(indices)} frames sampled at {sample_fps:.3g} fps → grid_t = {grid['grid_t']}, "
-            f"second_per_grid_t = {second_per_grid_t:.3g} s, temporal position step = "
-            f"{data['temporal_position_step']:.3g}\n"
-            f"video tokens = {grid['grid_t']} × {grid['grid_h']}·{grid['grid_w']}/4 = {grid['tokens']}")
+    text = (
+        f"{len(indices)} frames sampled at {sample_fps:.3g} fps → grid_t = {grid['grid_t']}, "
+        f"second_per_grid_t = {second_per_grid_t:.3g} s, temporal position step = "
+        f"{data['temporal_position_step']:.3g}\n"
+        f"video tokens = {grid['grid_t']} × {grid['grid_h']}·{grid['grid_w']}/4 = {grid['tokens']}"
+    )
     return View(text=text, figure=figure, data=data)
 
 
-def timeline_figure(indices: list[int], total: int, video_fps: float, thumbs: np.ndarray,
-                    window: tuple[float, float] | None = None, width: float = 7.5):
+def timeline_figure(
+    indices: list[int],
+    total: int,
+    video_fps: float,
+    thumbs: np.ndarray,
+    window: tuple[float, float] | None = None,
+    width: float = 7.5,
+):
     """Top: the source timeline with the sampled frames, coloured by temporal patch (pairs).
     Bottom: thumbnails of (at most 8 of) the sampled frames, labelled with their source index."""
     figure, (top, bottom) = new_figure(1, 2, width=width, height=2.8, gridspec_kw={"height_ratios": [1, 2.2]})
@@ -420,21 +462,34 @@ def timeline_figure(indices: list[int], total: int, video_fps: float, thumbs: np
     if window is not None:
         top.axvspan(*window, color=COLOURS["highlight"], alpha=0.35, lw=0)
     top.vlines(seconds, 0, 1, colors=colours, lw=1.5)
-    top.set(xlim=(0, total / video_fps), ylim=(0, 1), yticks=[], xlabel="time in the source video (s)",
-            title=f"{len(indices)} of {total} frames, paired into {-(-len(indices) // 2)} temporal patches")
+    top.set(
+        xlim=(0, total / video_fps),
+        ylim=(0, 1),
+        yticks=[],
+        xlabel="time in the source video (s)",
+        title=f"{len(indices)} of {total} frames, paired into {-(-len(indices) // 2)} temporal patches",
+    )
     top.grid(False)
-    shown = indices if len(indices) <= MAX_THUMBNAILS else [indices[i] for i in
-                                                            np.linspace(0, len(indices) - 1, MAX_THUMBNAILS).round().astype(int)]
+    shown = (
+        indices
+        if len(indices) <= MAX_THUMBNAILS
+        else [indices[i] for i in np.linspace(0, len(indices) - 1, MAX_THUMBNAILS).round().astype(int)]
+    )
     strip = np.concatenate([np.pad(thumbs[i], ((0, 0), (0, 3), (0, 0)), constant_values=255) for i in shown], axis=1)
     bottom.imshow(strip)
     step = thumbs.shape[2] + 3
     bottom.set_xticks([step * k + thumbs.shape[2] / 2 for k in range(len(shown))], [str(i) for i in shown])
-    bottom.set(yticks=[], xlabel="source frame index of the thumbnails"
-               + ("" if len(shown) == len(indices) else f" ({len(shown)} of {len(indices)} shown)"))
+    bottom.set(
+        yticks=[],
+        xlabel="source frame index of the thumbnails"
+        + ("" if len(shown) == len(indices) else f" ({len(shown)} of {len(indices)} shown)"),
+    )
     bottom.grid(False)
     return figure
 
 
-register_widget("03_video_frames", dict(fps=2.0, min_frames=4, max_frames=64, start=0.0, end=10.0),
-                [{"fps": 0.5}, {"fps": 8.0, "max_frames": 128}, {"start": 2.0, "end": 4.0}, {"start": 5.0, "end": 5.0}])(
-    timeline_view)
+register_widget(
+    "03_video_frames",
+    dict(fps=2.0, min_frames=4, max_frames=64, start=0.0, end=10.0),
+    [{"fps": 0.5}, {"fps": 8.0, "max_frames": 128}, {"start": 2.0, "end": 4.0}, {"start": 5.0, "end": 5.0}],
+)(timeline_view)

@@ -67,8 +67,9 @@ class ResizePlan:
         return (self.resized[1] / self.resized[0]) / (self.width / self.height) - 1.0
 
 
-def resize_plan(height: int, width: int, factor: int = FACTOR, min_pixels: int = MIN_PIXELS,
-                max_pixels: int = MAX_PIXELS) -> ResizePlan:
+def resize_plan(
+    height: int, width: int, factor: int = FACTOR, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+) -> ResizePlan:
     """``smart_resize`` with its intermediate steps. Mirrors transformers'
     ``qwen2_vl.image_processing_qwen2_vl.smart_resize`` (same float operations, same results),
     with the input checks neither library makes in full.
@@ -79,11 +80,15 @@ def resize_plan(height: int, width: int, factor: int = FACTOR, min_pixels: int =
     min_pixels = _check_int("min_pixels", min_pixels, 1, "smallest image area in pixels")
     max_pixels = _check_int("max_pixels", max_pixels, 1, "largest image area in pixels")
     if min_pixels > max_pixels:
-        raise ValueError(f"min_pixels={min_pixels} is larger than max_pixels={max_pixels}; need min_pixels ≤ max_pixels")
+        raise ValueError(
+            f"min_pixels={min_pixels} is larger than max_pixels={max_pixels}; need min_pixels ≤ max_pixels"
+        )
     ratio = max(height, width) / min(height, width)
     if ratio > MAX_RATIO:
-        raise ValueError(f"height={height}, width={width}: aspect ratio {ratio:.6g} is above {MAX_RATIO}; "
-                         f"accepted: longest side / shortest side ≤ {MAX_RATIO}")
+        raise ValueError(
+            f"height={height}, width={width}: aspect ratio {ratio:.6g} is above {MAX_RATIO}; "
+            f"accepted: longest side / shortest side ≤ {MAX_RATIO}"
+        )
     rounded = (round(height / factor) * factor, round(width / factor) * factor)
     h_bar, w_bar = rounded
     if h_bar * w_bar > max_pixels:
@@ -102,8 +107,9 @@ def resize_plan(height: int, width: int, factor: int = FACTOR, min_pixels: int =
     return ResizePlan(height, width, factor, min_pixels, max_pixels, rounded, branch, beta, (h_bar, w_bar))
 
 
-def smart_resize(height: int, width: int, factor: int = FACTOR, min_pixels: int = MIN_PIXELS,
-                 max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+def smart_resize(
+    height: int, width: int, factor: int = FACTOR, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+) -> tuple[int, int]:
     """(height, width) of the image the model sees: both multiples of ``factor``, area brought into
     ``[min_pixels, max_pixels]`` (up to the rounding), aspect ratio kept as well as it can be.
 
@@ -115,14 +121,16 @@ def smart_resize(height: int, width: int, factor: int = FACTOR, min_pixels: int 
     return resize_plan(height, width, factor, min_pixels, max_pixels).resized
 
 
-def visual_tokens(height: int, width: int, factor: int = FACTOR, min_pixels: int = MIN_PIXELS,
-                  max_pixels: int = MAX_PIXELS) -> int:
+def visual_tokens(
+    height: int, width: int, factor: int = FACTOR, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+) -> int:
     """Number of visual tokens (``<|image_pad|>``s) an image of this size becomes."""
     return resize_plan(height, width, factor, min_pixels, max_pixels).tokens
 
 
-def double_resize(height: int, width: int, first: tuple[int, int], second: tuple[int, int],
-                  factor: int = FACTOR) -> dict:
+def double_resize(
+    height: int, width: int, first: tuple[int, int], second: tuple[int, int], factor: int = FACTOR
+) -> dict:
     """The image side of the double resize: ``fetch_image`` resizes with ``first`` = (min_pixels,
     max_pixels), then the processor resizes that result again with its own ``second`` limits.
 
@@ -132,8 +140,14 @@ def double_resize(height: int, width: int, first: tuple[int, int], second: tuple
     fetched = smart_resize(height, width, factor, *first)
     processed = smart_resize(*fetched, factor, *second)
     direct = smart_resize(height, width, factor, *second)
-    return {"original": (height, width), "fetched": fetched, "processed": processed, "direct": direct,
-            "resized_twice": processed != fetched, "differs_from_direct": processed != direct}
+    return {
+        "original": (height, width),
+        "fetched": fetched,
+        "processed": processed,
+        "direct": direct,
+        "resized_twice": processed != fetched,
+        "differs_from_direct": processed != direct,
+    }
 
 
 def processed_size(image_grid_thw, patch_size: int = PATCH_SIZE) -> tuple[int, int]:
@@ -144,8 +158,10 @@ def processed_size(image_grid_thw, patch_size: int = PATCH_SIZE) -> tuple[int, i
     """
     row = np.asarray(image_grid_thw).reshape(-1)
     if row.shape != (3,) or (row < 1).any():
-        raise ValueError(f"image_grid_thw={np.asarray(image_grid_thw).tolist()}: expected one (t, h, w) row "
-                         f"of positive integers (one image)")
+        raise ValueError(
+            f"image_grid_thw={np.asarray(image_grid_thw).tolist()}: expected one (t, h, w) row "
+            f"of positive integers (one image)"
+        )
     return int(row[1]) * patch_size, int(row[2]) * patch_size
 
 
@@ -177,7 +193,11 @@ def random_resize_cases(count: int = 12_000, seed: int = 0, thin_share: float = 
     sides = (1, 2, 13, 14, 15, 27, 28, 29, 41, 42, 43, 55, 56, 57, 999, 1000, 20_000, 50_000)
     budgets = ((4, 16384), (256, 1280), (1, 1), (4, 4), (16384, 16384), (1280, 1280))
     cases += [(h, w, FACTOR, lo * TOKEN_PIXELS, hi * TOKEN_PIXELS) for h in sides for w in sides for lo, hi in budgets]
-    cases += [(s, MAX_RATIO * s, FACTOR, lo * TOKEN_PIXELS, hi * TOKEN_PIXELS) for s in (1, 5, 13, 14, 28, 100) for lo, hi in budgets]
+    cases += [
+        (s, MAX_RATIO * s, FACTOR, lo * TOKEN_PIXELS, hi * TOKEN_PIXELS)
+        for s in (1, 5, 13, 14, 28, 100)
+        for lo, hi in budgets
+    ]
     cases += [(201 * s, s, FACTOR, MIN_PIXELS, MAX_PIXELS) for s in (1, 7, 28)]
     return cases
 
@@ -241,15 +261,16 @@ def open_image(source):
         with Image.open(source) as image:
             return image.convert("RGB")
     except (FileNotFoundError, IsADirectoryError, UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"image file {str(source)!r} cannot be read as an image "
-                         f"({type(error).__name__}); accepted: a PNG/JPEG/… file or a PIL image") from None
+        raise ValueError(
+            f"image file {str(source)!r} cannot be read as an image "
+            f"({type(error).__name__}); accepted: a PNG/JPEG/… file or a PIL image"
+        ) from None
 
 
 @functools.lru_cache(maxsize=1)
 def course_photo():
     """matplotlib's sample photo ``grace_hopper.jpg`` (600×512, H×W: a portrait) as an RGB PIL image."""
     import matplotlib.cbook
-
     from PIL import Image
 
     with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as handle, Image.open(handle) as image:
@@ -293,8 +314,10 @@ def resize_figure(plan: ResizePlan):
     pixels, so the figure costs the same at any size."""
     figure, (left, right) = _two_panels()
     thumb = _photo_thumbnail()
-    for axis, (h, w), title in ((left, (plan.height, plan.width), f"original {plan.height}×{plan.width}"),
-                                (right, plan.resized, f"resized {plan.resized[0]}×{plan.resized[1]}")):
+    for axis, (h, w), title in (
+        (left, (plan.height, plan.width), f"original {plan.height}×{plan.width}"),
+        (right, plan.resized, f"resized {plan.resized[0]}×{plan.resized[1]}"),
+    ):
         axis.imshow(thumb, extent=(0, w, h, 0), aspect="equal", interpolation="nearest")
         axis.set_xlim(0, w)
         axis.set_ylim(h, 0)
@@ -313,9 +336,16 @@ def resize_figure(plan: ResizePlan):
 _RESIZE_DEFAULTS = {"height": 600, "width": 512, "min_tokens": 4, "max_tokens": 1280}
 
 
-@register_widget("02_smart_resize", _RESIZE_DEFAULTS,
-                 [{"height": 30, "width": 3000}, {"height": 4000, "width": 3000, "max_tokens": 16384},
-                  {"height": 60, "width": 80, "min_tokens": 256}, {"min_tokens": 2000, "max_tokens": 1000}])
+@register_widget(
+    "02_smart_resize",
+    _RESIZE_DEFAULTS,
+    [
+        {"height": 30, "width": 3000},
+        {"height": 4000, "width": 3000, "max_tokens": 16384},
+        {"height": 60, "width": 80, "min_tokens": 256},
+        {"min_tokens": 2000, "max_tokens": 1000},
+    ],
+)
 def resize_view(height: int = 600, width: int = 512, min_tokens: int = 4, max_tokens: int = 1280) -> View:
     """Widget of 02: an original size and a token budget → resized size, tokens, branch, distortion."""
     try:
@@ -323,9 +353,11 @@ def resize_view(height: int = 600, width: int = 512, min_tokens: int = 4, max_to
     except ValueError as error:
         return View(html=f"<b>rejected:</b> {error}", data={"error": str(error)})
     h, w = plan.resized
-    html = (f"<b>{height}×{width}</b> → branch <b>{plan.branch}</b> → <b>{h}×{w}</b> "
-            f"= {h // FACTOR}×{w // FACTOR} = <b>{plan.tokens}</b> visual tokens "
-            f"(budget {min_tokens}…{max_tokens}); aspect distortion {100 * plan.distortion:+.2f} %")
+    html = (
+        f"<b>{height}×{width}</b> → branch <b>{plan.branch}</b> → <b>{h}×{w}</b> "
+        f"= {h // FACTOR}×{w // FACTOR} = <b>{plan.tokens}</b> visual tokens "
+        f"(budget {min_tokens}…{max_tokens}); aspect distortion {100 * plan.distortion:+.2f} %"
+    )
     data = {"resized": plan.resized, "tokens": plan.tokens, "branch": plan.branch, "distortion": plan.distortion}
     return View(html=html, figure=resize_figure(plan), data=data)
 
@@ -336,7 +368,10 @@ def staircase_figure(sides=None, budgets=((4, 16384), (256, 1280)), aspect: floa
     sides = np.arange(20, 4001) if sides is None else np.asarray(sides)
     figure, (full, zoom) = new_figure(2, 1, width=8.0, height=3.2)
     for (low, high), colour in zip(budgets, (COLOURS["image"], COLOURS["loss"])):
-        tokens = [visual_tokens(max(1, round(aspect * w)), int(w), FACTOR, low * TOKEN_PIXELS, high * TOKEN_PIXELS) for w in sides]
+        tokens = [
+            visual_tokens(max(1, round(aspect * w)), int(w), FACTOR, low * TOKEN_PIXELS, high * TOKEN_PIXELS)
+            for w in sides
+        ]
         for axis in (full, zoom):
             axis.plot(sides, tokens, color=colour, lw=1.2, label=f"{low}…{high} tokens")
     naive = np.maximum(1, np.round(aspect * sides)) * sides / TOKEN_PIXELS
@@ -369,8 +404,14 @@ def heatmap_figure(heights, widths, min_pixels: int = MIN_PIXELS, max_pixels: in
 
     grid = token_grid(heights, widths, min_pixels, max_pixels)
     figure, axis = new_figure(1, 1, width=5.0, height=3.8)
-    mesh = axis.pcolormesh(widths, heights, grid, norm=LogNorm(vmin=np.nanmin(grid), vmax=np.nanmax(grid)),
-                           cmap="viridis", shading="nearest")
+    mesh = axis.pcolormesh(
+        widths,
+        heights,
+        grid,
+        norm=LogNorm(vmin=np.nanmin(grid), vmax=np.nanmax(grid)),
+        cmap="viridis",
+        shading="nearest",
+    )
     figure.colorbar(mesh, ax=axis, label="visual tokens")
     axis.set_xscale("log")
     axis.set_yscale("log")
@@ -388,15 +429,27 @@ def _box_patch(axis, box, colour, linestyle="-"):
     axis.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, lw=2, linestyle=linestyle))
 
 
-_BOX_DEFAULTS = {"x": FACE_BOX[0], "y": FACE_BOX[1], "box_width": FACE_BOX[2] - FACE_BOX[0],
-                 "box_height": FACE_BOX[3] - FACE_BOX[1], "max_tokens": 64}
+_BOX_DEFAULTS = {
+    "x": FACE_BOX[0],
+    "y": FACE_BOX[1],
+    "box_width": FACE_BOX[2] - FACE_BOX[0],
+    "box_height": FACE_BOX[3] - FACE_BOX[1],
+    "max_tokens": 64,
+}
 #: Above this budget the 600×512 photo is only rounded (588×504): the budget no longer changes it.
 PHOTO_TOKENS = 378
 
 
-@register_widget("02_smart_resize", _BOX_DEFAULTS,
-                 [{"x": 0, "y": 0, "box_width": 512, "box_height": 600}, {"max_tokens": 16},
-                  {"x": 500, "box_width": 100}, {"max_tokens": PHOTO_TOKENS}])
+@register_widget(
+    "02_smart_resize",
+    _BOX_DEFAULTS,
+    [
+        {"x": 0, "y": 0, "box_width": 512, "box_height": 600},
+        {"max_tokens": 16},
+        {"x": 500, "box_width": 100},
+        {"max_tokens": PHOTO_TOKENS},
+    ],
+)
 def box_view(x: int = 165, y: int = 135, box_width: int = 200, box_height: int = 205, max_tokens: int = 64) -> View:
     """Widget of 02: a box on the original photo (left) → on the resized image (right) the right
     ``bbox_2d`` target (converted, solid) and the original numbers used unconverted (dashed), with
@@ -410,8 +463,10 @@ def box_view(x: int = 165, y: int = 135, box_width: int = 200, box_height: int =
     overlap = iou(target, unconverted)
     figure, (left, right) = _two_panels()
     thumb = _photo_thumbnail()
-    for axis, (h, w), title in ((left, original, f"original {original[0]}×{original[1]}"),
-                                (right, resized, f"resized {resized[0]}×{resized[1]}")):
+    for axis, (h, w), title in (
+        (left, original, f"original {original[0]}×{original[1]}"),
+        (right, resized, f"resized {resized[0]}×{resized[1]}"),
+    ):
         axis.imshow(thumb, extent=(0, w, h, 0), interpolation="nearest")
         axis.set_xlim(0, w)
         axis.set_ylim(h, 0)
@@ -422,9 +477,14 @@ def box_view(x: int = 165, y: int = 135, box_width: int = 200, box_height: int =
     _box_patch(left, box, COLOURS["loss"])
     _box_patch(right, target, COLOURS["loss"])
     _box_patch(right, unconverted, COLOURS["accent"], linestyle="--")
-    html = (f"original box {list(box)} → <code>{{\"bbox_2d\": {target}}}</code> in the resized "
-            f"{resized[0]}×{resized[1]} image (max {max_tokens} tokens; solid). The original numbers used "
-            f"unconverted (dashed) overlap it with IoU {overlap:.2f}. Qwen2-VL 0–1000 form: "
-            f"{box_to_thousandths(box, original)}")
-    return View(html=html, figure=figure, data={"original_box": box, "bbox_2d": target, "resized": resized,
-                                                "unconverted": unconverted, "iou": overlap})
+    html = (
+        f'original box {list(box)} → <code>{{"bbox_2d": {target}}}</code> in the resized '
+        f"{resized[0]}×{resized[1]} image (max {max_tokens} tokens; solid). The original numbers used "
+        f"unconverted (dashed) overlap it with IoU {overlap:.2f}. Qwen2-VL 0–1000 form: "
+        f"{box_to_thousandths(box, original)}"
+    )
+    return View(
+        html=html,
+        figure=figure,
+        data={"original_box": box, "bbox_2d": target, "resized": resized, "unconverted": unconverted, "iou": overlap},
+    )

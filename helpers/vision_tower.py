@@ -48,7 +48,9 @@ def _as_grid(grid_thw, spatial_merge_size: int = 1) -> torch.Tensor:
     if (grid < 1).any():
         raise ValueError(f"grid_thw={grid.tolist()}: every t, h, w must be ≥ 1")
     if spatial_merge_size > 1 and ((grid[:, 1:] % spatial_merge_size) != 0).any():
-        raise ValueError(f"grid_thw={grid.tolist()}: h and w must be multiples of spatial_merge_size={spatial_merge_size}")
+        raise ValueError(
+            f"grid_thw={grid.tolist()}: h and w must be multiples of spatial_merge_size={spatial_merge_size}"
+        )
     return grid
 
 
@@ -62,8 +64,11 @@ def _check_positive_int(name: str, value) -> int:
 
 def _merger_window(spatial_merge_size: int, window_size: int, patch_size: int) -> int:
     """The window side in merged tokens: 112 // 2 // 14 = 4 in Qwen2.5-VL."""
-    for name, value in (("spatial_merge_size", spatial_merge_size), ("window_size", window_size),
-                        ("patch_size", patch_size)):
+    for name, value in (
+        ("spatial_merge_size", spatial_merge_size),
+        ("window_size", window_size),
+        ("patch_size", patch_size),
+    ):
         _check_positive_int(name, value)
     unit = spatial_merge_size * patch_size
     if window_size % unit:
@@ -95,8 +100,9 @@ def patch_embed_as_matmul(pixel_values: torch.Tensor, conv_weight: torch.Tensor)
     return pixel_values.to(weight.dtype) @ weight.T
 
 
-def patch_embed_cost(num_patches: int, hidden: int, in_channels: int = 3, temporal_patch_size: int = 2,
-                     patch_size: int = 14) -> dict:
+def patch_embed_cost(
+    num_patches: int, hidden: int, in_channels: int = 3, temporal_patch_size: int = 2, patch_size: int = 14
+) -> dict:
     """Parameters and FLOPs (2 per multiply-add) of the patch embedding for ``num_patches`` rows."""
     _check_positive_int("num_patches", num_patches)
     _check_positive_int("hidden", hidden)
@@ -123,7 +129,7 @@ def temporal_pairs(num_frames: int, temporal_patch_size: int = 2) -> list[tuple[
     _check_positive_int("temporal_patch_size", temporal_patch_size)
     padded = -(-num_frames // temporal_patch_size) * temporal_patch_size
     frames = [min(i, num_frames - 1) for i in range(padded)]
-    return [tuple(frames[i:i + temporal_patch_size]) for i in range(0, padded, temporal_patch_size)]
+    return [tuple(frames[i : i + temporal_patch_size]) for i in range(0, padded, temporal_patch_size)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +150,7 @@ def window_index(grid_thw, spatial_merge_size: int, window_size: int, patch_size
     """
     side = _merger_window(spatial_merge_size, window_size, patch_size)
     grid = _as_grid(grid_thw, spatial_merge_size)
-    unit = spatial_merge_size ** 2
+    unit = spatial_merge_size**2
     orders, lengths, offset = [], [], 0
     for t, h, w in grid.tolist():
         mh, mw = h // spatial_merge_size, w // spatial_merge_size
@@ -190,7 +196,7 @@ def window_map(grid_thw, spatial_merge_size: int = 2, window_size: int = 112, pa
         raise ValueError(f"grid_thw has {grid.shape[0]} rows; window_map draws one image or video")
     side = _merger_window(spatial_merge_size, window_size, patch_size)
     order, cu = window_index(grid, spatial_merge_size, window_size, patch_size)
-    unit = spatial_merge_size ** 2
+    unit = spatial_merge_size**2
     ids_in_order = torch.repeat_interleave(torch.arange(len(cu) - 1), window_sizes(cu) // unit)
     ids = torch.empty_like(ids_in_order)
     ids[order] = ids_in_order
@@ -211,8 +217,9 @@ def block_mask(cu_seqlens: torch.Tensor, length: int | None = None) -> torch.Ten
     return segment[:, None] == segment[None, :]
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                     scale: float | None = None) -> torch.Tensor:
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
     """Attention over the whole sequence with a boolean mask (heads, N, d) → (heads, N, d).
 
     Every one of the N² scores is computed, then the masked ones are thrown away.
@@ -223,8 +230,9 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return torch.softmax(scores, dim=-1) @ v
 
 
-def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                       scale: float | None = None) -> torch.Tensor:
+def windowed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
     """Attention inside each segment of ``cu_seqlens`` only, one small attention per window.
 
     What the model does without flash attention (``torch.split`` over ``cu_seqlens``); flash
@@ -232,8 +240,10 @@ def windowed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seq
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     sizes = window_sizes(cu_seqlens).tolist()
-    outs = [torch.softmax((qi @ ki.transpose(-1, -2)) * scale, dim=-1) @ vi
-            for qi, ki, vi in zip(q.split(sizes, -2), k.split(sizes, -2), v.split(sizes, -2))]
+    outs = [
+        torch.softmax((qi @ ki.transpose(-1, -2)) * scale, dim=-1) @ vi
+        for qi, ki, vi in zip(q.split(sizes, -2), k.split(sizes, -2), v.split(sizes, -2))
+    ]
     return torch.cat(outs, dim=-2)
 
 
@@ -244,17 +254,30 @@ def attention_cost(cu_seqlens: torch.Tensor, hidden: int, num_heads: int, bytes_
     are the same for window and full layers). Bytes: every head's n × n score matrix, all segments.
     """
     sizes = window_sizes(cu_seqlens)
-    squares = int((sizes ** 2).sum())
-    return {"flops": 4 * squares * hidden, "score_bytes": num_heads * squares * bytes_per_score,
-            "segments": len(sizes), "largest": int(sizes.max())}
+    squares = int((sizes**2).sum())
+    return {
+        "flops": 4 * squares * hidden,
+        "score_bytes": num_heads * squares * bytes_per_score,
+        "segments": len(sizes),
+        "largest": int(sizes.max()),
+    }
 
 
-def attention_costs_for_grid(grid_thw, hidden: int, num_heads: int, spatial_merge_size: int = 2,
-                             window_size: int = 112, patch_size: int = 14, bytes_per_score: int = 2) -> dict:
+def attention_costs_for_grid(
+    grid_thw,
+    hidden: int,
+    num_heads: int,
+    spatial_merge_size: int = 2,
+    window_size: int = 112,
+    patch_size: int = 14,
+    bytes_per_score: int = 2,
+) -> dict:
     """``attention_cost`` of a window layer and of a full layer for the same images."""
     _, cu_window = window_index(grid_thw, spatial_merge_size, window_size, patch_size)
-    return {"window": attention_cost(cu_window, hidden, num_heads, bytes_per_score),
-            "full": attention_cost(full_attention_seqlens(grid_thw), hidden, num_heads, bytes_per_score)}
+    return {
+        "window": attention_cost(cu_window, hidden, num_heads, bytes_per_score),
+        "full": attention_cost(full_attention_seqlens(grid_thw), hidden, num_heads, bytes_per_score),
+    }
 
 
 def tower_flops(grid_thw, vision_config, windows: bool = True) -> dict:
@@ -269,12 +292,12 @@ def tower_flops(grid_thw, vision_config, windows: bool = True) -> dict:
     d, merge = cfg.hidden_size, cfg.spatial_merge_size
     costs = attention_costs_for_grid(grid, d, cfg.num_heads, merge, cfg.window_size, cfg.patch_size)
     full_blocks = len(cfg.fullatt_block_indexes) if windows else cfg.depth
-    wide = d * merge ** 2  # the merger's input: 4 rows side by side
+    wide = d * merge**2  # the merger's input: 4 rows side by side
     parts = {
         "patch_embed": patch_embed_cost(n, d, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size)["flops"],
         "block_linear": cfg.depth * 2 * n * (4 * d * d + 3 * d * cfg.intermediate_size),
         "attention": full_blocks * costs["full"]["flops"] + (cfg.depth - full_blocks) * costs["window"]["flops"],
-        "merger": 2 * (n // merge ** 2) * (wide * wide + wide * cfg.out_hidden_size),
+        "merger": 2 * (n // merge**2) * (wide * wide + wide * cfg.out_hidden_size),
     }
     return {**parts, "total": sum(parts.values())}
 
@@ -352,7 +375,7 @@ def patch_merger(x: torch.Tensor, merger, spatial_merge_size: int = 2) -> torch.
     Mirrors ``Qwen2_5_VLPatchMerger.forward`` with the weights of ``merger``:
     (N, hidden) → (N/4, 4·hidden) → Linear → GELU → Linear → (N/4, out_hidden).
     """
-    unit = spatial_merge_size ** 2
+    unit = spatial_merge_size**2
     if x.shape[0] % unit:
         raise ValueError(f"{x.shape[0]} rows is not a multiple of spatial_merge_size² = {unit}")
     grouped = rms_norm(x, merger.ln_q.weight, merger.ln_q.variance_epsilon).reshape(-1, unit * x.shape[1])
@@ -362,12 +385,13 @@ def patch_merger(x: torch.Tensor, merger, spatial_merge_size: int = 2) -> torch.
 
 def permute_rows(x: torch.Tensor, order: torch.Tensor, spatial_merge_size: int = 2) -> torch.Tensor:
     """Reorder rows in groups of spatial_merge_size² (merged tokens) by ``order``."""
-    unit = spatial_merge_size ** 2
+    unit = spatial_merge_size**2
     return x.reshape(-1, unit, *x.shape[1:])[order].reshape(x.shape)
 
 
-def vision_block(x: torch.Tensor, block, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                 num_heads: int) -> torch.Tensor:
+def vision_block(
+    x: torch.Tensor, block, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, num_heads: int
+) -> torch.Tensor:
     """One ``Qwen2_5_VLVisionBlock`` from its weights, with an explicit boolean attention mask."""
     n, dim = x.shape
     h = rms_norm(x, block.norm1.weight, block.norm1.variance_epsilon)
@@ -378,7 +402,9 @@ def vision_block(x: torch.Tensor, block, cos: torch.Tensor, sin: torch.Tensor, m
     x = x + F.linear(out.transpose(0, 1).reshape(n, dim), block.attn.proj.weight, block.attn.proj.bias)
     h = rms_norm(x, block.norm2.weight, block.norm2.variance_epsilon)
     mlp = block.mlp
-    gated = F.silu(F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)) * F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
+    gated = F.silu(F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)) * F.linear(
+        h, mlp.up_proj.weight, mlp.up_proj.bias
+    )
     return x + F.linear(gated, mlp.down_proj.weight, mlp.down_proj.bias)
 
 
@@ -407,6 +433,11 @@ def vision_tower_forward(visual, pixel_values: torch.Tensor, grid_thw, return_st
     merged = patch_merger(x, visual.merger, cfg.spatial_merge_size)
     out = merged[torch.argsort(order)]
     if return_steps:
-        return out, {"window_index": order, "cu_window_seqlens": cu_window, "positions": positions,
-                     "masks": masks, "last_hidden": x}
+        return out, {
+            "window_index": order,
+            "cu_window_seqlens": cu_window,
+            "positions": positions,
+            "masks": masks,
+            "last_hidden": x,
+        }
     return out

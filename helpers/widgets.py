@@ -13,8 +13,8 @@ and show it in the notebook with ``show(resize_view, height=IntSlider(...), ...)
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from helpers.plots import figure_to_png
 
@@ -45,7 +45,9 @@ def register_widget(notebook: str, defaults: dict, variations: list[dict]):
     """Record an update function with its default controls and some other settings to try."""
 
     def decorate(update):
-        REGISTRY[f"{update.__module__}.{update.__name__}"] = RegisteredWidget(notebook, update, dict(defaults), variations)
+        REGISTRY[f"{update.__module__}.{update.__name__}"] = RegisteredWidget(
+            notebook, update, dict(defaults), variations
+        )
         return update
 
     return decorate

@@ -76,8 +76,9 @@ def packed_rows(shape: dict, rows: int, seed: int = 0) -> list[dict]:
         pool.append(synthetic_item(rng, int(rng.uniform(*shape["text"])), side, float(rng.uniform(*shape["labelled"]))))
     bins = pack_lengths([len(it["input_ids"]) for it in pool], shape["budget"])
     bins = sorted(bins, key=lambda b: -sum(len(pool[i]["input_ids"]) for i in b))[:rows]
-    return [{k: v for k, v in pack_items([pool[i] for i in b]).items() if k in (*MODEL_INPUTS, "seq_lengths")}
-            for b in bins]
+    return [
+        {k: v for k, v in pack_items([pool[i] for i in b]).items() if k in (*MODEL_INPUTS, "seq_lengths")} for b in bins
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,21 +104,29 @@ def step_flops(config, row: dict, mode: str, checkpointing: bool = False) -> dic
     tokens, labelled = float(lengths.sum()), float((row["labels"][0, 1:] != IGNORE_INDEX).sum())
     grid = row["image_grid_thw"]
     patches = float(grid.prod(-1).sum())
-    dv, unit = vision.hidden_size, vision.spatial_merge_size ** 2
+    dv, unit = vision.hidden_size, vision.spatial_merge_size**2
     n_block = 4 * dv * dv + 3 * dv * vision.intermediate_size
     windows = window_index(grid, vision.spatial_merge_size, vision.window_size, vision.patch_size)[1].diff().double()
     full = len(vision.fullatt_block_indexes)
-    vision_attention = 4 * dv * (full * float((grid.prod(-1).double() ** 2).sum())
-                                 + (vision.depth - full) * float((windows ** 2).sum()))
-    forward = {"lm_layers": 2 * n_layer * text.num_hidden_layers * tokens,
-               "lm_attention": 2 * d * text.num_hidden_layers * float((lengths ** 2).sum()),
-               "lm_head": 2 * text.vocab_size * d * labelled,
-               "vision": 2 * (vision.depth * n_block + 3 * 2 * 14 * 14 * dv) * patches
-               + 2 * (unit * dv * unit * dv + unit * dv * vision.out_hidden_size) * patches / unit,
-               "vision_attention": vision_attention}
+    vision_attention = (
+        4 * dv * (full * float((grid.prod(-1).double() ** 2).sum()) + (vision.depth - full) * float((windows**2).sum()))
+    )
+    forward = {
+        "lm_layers": 2 * n_layer * text.num_hidden_layers * tokens,
+        "lm_attention": 2 * d * text.num_hidden_layers * float((lengths**2).sum()),
+        "lm_head": 2 * text.vocab_size * d * labelled,
+        "vision": 2 * (vision.depth * n_block + 3 * 2 * 14 * 14 * dv) * patches
+        + 2 * (unit * dv * unit * dv + unit * dv * vision.out_hidden_size) * patches / unit,
+        "vision_attention": vision_attention,
+    }
     frozen = mode != "full"
-    scale = {"lm_layers": 2 if frozen else 3, "lm_attention": 3, "lm_head": 2 if frozen else 3,
-             "vision": 1 if frozen else 3, "vision_attention": 1 if frozen else 3}
+    scale = {
+        "lm_layers": 2 if frozen else 3,
+        "lm_attention": 3,
+        "lm_head": 2 if frozen else 3,
+        "vision": 1 if frozen else 3,
+        "vision_attention": 1 if frozen else 3,
+    }
     parts = {k: v * scale[k] for k, v in forward.items()}
     parts["total"] = sum(parts.values())
     recomputed = ("lm_layers", "lm_attention") + (("vision", "vision_attention") if mode == "full" else ())
@@ -179,8 +188,9 @@ def step(model, optimizer, row: dict, mode: str, device: torch.device, amp: bool
         clock.append(_sync(device))
         embeds = inner.language_model.embed_tokens(row["input_ids"])
         embeds = embeds.masked_scatter((row["mm_token_type_ids"] == 1)[..., None], leaf.to(embeds.dtype))
-        hidden = inner.language_model(inputs_embeds=embeds, position_ids=row["position_ids"],
-                                      use_cache=False).last_hidden_state
+        hidden = inner.language_model(
+            inputs_embeds=embeds, position_ids=row["position_ids"], use_cache=False
+        ).last_hidden_state
         labels = row["labels"][:, 1:]
         keep = labels != IGNORE_INDEX
         loss = F.cross_entropy(base.lm_head(hidden[:, :-1][keep]).float(), labels[keep])
@@ -194,8 +204,13 @@ def step(model, optimizer, row: dict, mode: str, device: torch.device, amp: bool
     optimizer.zero_grad(set_to_none=True)
     clock.append(_sync(device))
     seconds = np.diff(clock)
-    return {"loss": float(loss.detach()), "vision": float(seconds[0] + seconds[2]), "language_model": float(seconds[1]),
-            "optimizer": float(seconds[3]), "total": float(clock[-1] - clock[0])}
+    return {
+        "loss": float(loss.detach()),
+        "vision": float(seconds[0] + seconds[2]),
+        "language_model": float(seconds[1]),
+        "optimizer": float(seconds[3]),
+        "total": float(clock[-1] - clock[0]),
+    }
 
 
 def run_mode(config, mode: str, rows: list[dict], device: torch.device, amp: bool, warmup: int) -> dict:
@@ -204,7 +219,8 @@ def run_mode(config, mode: str, rows: list[dict], device: torch.device, amp: boo
         model, optimizer = build(config, mode, device)
         if checkpointing:
             (model.get_base_model() if mode != "full" else model).gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         _free(device)
         try:
             steps = [step(model, optimizer, row, mode, device, amp) for row in rows]
@@ -221,19 +237,30 @@ def run_mode(config, mode: str, rows: list[dict], device: torch.device, amp: boo
     parts = [step_flops(config, r, mode, checkpointing) for r in rows_timed]
     flops = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0]}  # per step, averaged over the timed rows
     per_step = seconds / len(timed)
-    result = {"mode": mode, "activation_checkpointing": checkpointing, "timed_steps": len(timed),
-              "step_seconds_mean": per_step, "step_seconds_median": statistics.median(s["total"] for s in timed),
-              "tokens_per_step": tokens / len(timed), "tokens_per_second": tokens / seconds,
-              "split_seconds_median": {k: statistics.median(s[k] for s in timed) for k in ("vision", "language_model", "optimizer")},
-              "model_tflop_per_step": {k: v / 1e12 for k, v in flops.items()},
-              "achieved_tflops": flops["total"] / per_step / 1e12, "loss": [s["loss"] for s in steps],
-              "attention_backend": dict(BACKENDS),
-              "parameters": sum(p.numel() for p in model.parameters()),
-              "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    result = {
+        "mode": mode,
+        "activation_checkpointing": checkpointing,
+        "timed_steps": len(timed),
+        "step_seconds_mean": per_step,
+        "step_seconds_median": statistics.median(s["total"] for s in timed),
+        "tokens_per_step": tokens / len(timed),
+        "tokens_per_second": tokens / seconds,
+        "split_seconds_median": {
+            k: statistics.median(s[k] for s in timed) for k in ("vision", "language_model", "optimizer")
+        },
+        "model_tflop_per_step": {k: v / 1e12 for k, v in flops.items()},
+        "achieved_tflops": flops["total"] / per_step / 1e12,
+        "loss": [s["loss"] for s in steps],
+        "attention_backend": dict(BACKENDS),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
     if device.type == "cuda":
-        result.update(mfu=flops["total"] / per_step / PEAK_BF16_FLOPS,
-                      hfu=(flops["total"] + flops["recompute"]) / per_step / PEAK_BF16_FLOPS,
-                      peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30)
+        result.update(
+            mfu=flops["total"] / per_step / PEAK_BF16_FLOPS,
+            hfu=(flops["total"] + flops["recompute"]) / per_step / PEAK_BF16_FLOPS,
+            peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30,
+        )
     del model, optimizer
     return result
 
@@ -253,16 +280,35 @@ def run_trl(config, rows: list[dict], device: torch.device, amp: bool, warmup: i
         def on_step_end(self, args, state, control, **kwargs):
             marks.append(_sync(device))
 
-    args = SFTConfig(output_dir=str(out / "trl"), max_steps=len(rows), per_device_train_batch_size=1,
-                     learning_rate=1e-5, lr_scheduler_type="constant", adam_beta2=0.95, weight_decay=0.0,
-                     max_grad_norm=1.0, optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
-                     logging_steps=1, save_strategy="no", report_to="none", remove_unused_columns=False,
-                     dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, bf16=amp,
-                     use_cpu=device.type != "cuda", disable_tqdm=True, dataloader_num_workers=0)
+    args = SFTConfig(
+        output_dir=str(out / "trl"),
+        max_steps=len(rows),
+        per_device_train_batch_size=1,
+        learning_rate=1e-5,
+        lr_scheduler_type="constant",
+        adam_beta2=0.95,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,
+        bf16=amp,
+        use_cpu=device.type != "cuda",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     order = itertools.count()  # the Trainer shuffles its dataset: hand the rows over in our order instead
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"index": list(range(len(rows)))}),
-                         processing_class=load_processor(),
-                         data_collator=lambda batch: _inputs(rows[next(order) % len(rows)]))
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict({"index": list(range(len(rows)))}),
+        processing_class=load_processor(),
+        data_collator=lambda batch: _inputs(rows[next(order) % len(rows)]),
+    )
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(Clock())
     start = _sync(device)
@@ -271,8 +317,12 @@ def run_trl(config, rows: list[dict], device: torch.device, amp: bool, warmup: i
     tokens = sum(float(r["seq_lengths"].sum()) for r in rows[warmup:])
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     del trainer, model
-    return {"mode": "trl", "step_seconds_mean": seconds / (len(rows) - warmup), "tokens_per_second": tokens / seconds,
-            "loss": losses}
+    return {
+        "mode": "trl",
+        "step_seconds_mean": seconds / (len(rows) - warmup),
+        "tokens_per_second": tokens / seconds,
+        "loss": losses,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,12 +342,16 @@ def check_segment_attention(config, device: torch.device, amp: bool) -> dict:
     inputs = {k: v for k, v in _inputs(row).items() if k != "labels"}
     out = {}
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        library = (model.model.visual(row["pixel_values"], row["image_grid_thw"]).pooler_output.float(),
-                   model.model(**inputs, use_cache=False).last_hidden_state.float())
+        library = (
+            model.model.visual(row["pixel_values"], row["image_grid_thw"]).pooler_output.float(),
+            model.model(**inputs, use_cache=False).last_hidden_state.float(),
+        )
         use_segment_attention(model.model.visual)
         model.config.text_config._attn_implementation = register_text_attention()
-        ours = (model.model.visual(row["pixel_values"], row["image_grid_thw"]).pooler_output.float(),
-                model.model(**inputs, use_cache=False).last_hidden_state.float())
+        ours = (
+            model.model.visual(row["pixel_values"], row["image_grid_thw"]).pooler_output.float(),
+            model.model(**inputs, use_cache=False).last_hidden_state.float(),
+        )
     for name, a, b in zip(("vision_tower", "language_model"), ours, library):
         out[name] = float((a - b).abs().max() / b.abs().max())
     del model
@@ -311,20 +365,28 @@ def _fmt(value, spec: str) -> str:
 def report(results: dict, out: Path) -> str:
     """RUN.md: what ran, where, and the per-mode table."""
     env = results["environment"]
-    lines = [f"# bench_3b: {'CPU REHEARSAL, tiny config (not a GPU result)' if results['tiny'] else 'Qwen2.5-VL-3B'}",
-             "", f"- device: {env['device']}; date {env['date']}; torch {env['torch']}, transformers {env['transformers']}",
-             f"- command: `{results['command']}`",
-             (f"- data: {results['data']['rows']} packed rows, {results['data']['tokens_per_row_mean']:.0f} tokens, "
-              f"{results['data']['images_per_row_mean']:.1f} images each; shape {json.dumps(results['data']['shape'])}"),
-             f"- segment attention vs library (max rel. diff): {json.dumps(results['check'])}", "",
-             "| mode | tokens/s | s/step | MFU | HFU | vision / LM / optimizer s | peak GiB | ckpt |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# bench_3b: {'CPU REHEARSAL, tiny config (not a GPU result)' if results['tiny'] else 'Qwen2.5-VL-3B'}",
+        "",
+        f"- device: {env['device']}; date {env['date']}; torch {env['torch']}, transformers {env['transformers']}",
+        f"- command: `{results['command']}`",
+        (
+            f"- data: {results['data']['rows']} packed rows, {results['data']['tokens_per_row_mean']:.0f} tokens, "
+            f"{results['data']['images_per_row_mean']:.1f} images each; shape {json.dumps(results['data']['shape'])}"
+        ),
+        f"- segment attention vs library (max rel. diff): {json.dumps(results['check'])}",
+        "",
+        "| mode | tokens/s | s/step | MFU | HFU | vision / LM / optimizer s | peak GiB | ckpt |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results["modes"].values():
         split = r.get("split_seconds_median")
-        lines.append(f"| {r['mode']} | {r['tokens_per_second']:.0f} | {r['step_seconds_mean']:.3f} | "
-                     f"{_fmt(r.get('mfu'), '.3f')} | {_fmt(r.get('hfu'), '.3f')} | "
-                     + (" / ".join(f"{split[k]:.3f}" for k in split) if split else "–")
-                     + f" | {_fmt(r.get('peak_memory_gib'), '.1f')} | {r.get('activation_checkpointing', '–')} |")
+        lines.append(
+            f"| {r['mode']} | {r['tokens_per_second']:.0f} | {r['step_seconds_mean']:.3f} | "
+            f"{_fmt(r.get('mfu'), '.3f')} | {_fmt(r.get('hfu'), '.3f')} | "
+            + (" / ".join(f"{split[k]:.3f}" for k in split) if split else "–")
+            + f" | {_fmt(r.get('peak_memory_gib'), '.1f')} | {r.get('activation_checkpointing', '–')} |"
+        )
     if "trl_ratio" in results:
         lines += ["", f"Our LoRA loop / TRL SFTTrainer tokens/s: {results['trl_ratio']:.2f}"]
     text = "\n".join(lines) + "\n"
@@ -345,43 +407,65 @@ def main(argv=None) -> dict:
     args.warmup = args.warmup or (1 if args.tiny else 2)
     modes = args.modes.split(",")
     if not set(modes) <= {"full", "lora", "trl"} or args.steps < 1 or args.warmup < 1:
-        parser.error(f"--modes {args.modes} --steps {args.steps} --warmup {args.warmup}: expected modes from "
-                     "full,lora,trl, steps ≥ 1, warmup ≥ 1")
+        parser.error(
+            f"--modes {args.modes} --steps {args.steps} --warmup {args.warmup}: expected modes from "
+            "full,lora,trl, steps ≥ 1, warmup ≥ 1"
+        )
     import transformers
 
     from helpers.qwen import course_config, qwen25vl_3b_config
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     amp = device.type == "cuda"
-    config = course_config(text_hidden=64, text_layers=2, text_mlp=128, vision_hidden=32, vision_depth=4,
-                           vision_mlp=64) if args.tiny else qwen25vl_3b_config()
+    config = (
+        course_config(text_hidden=64, text_layers=2, text_mlp=128, vision_hidden=32, vision_depth=4, vision_mlp=64)
+        if args.tiny
+        else qwen25vl_3b_config()
+    )
     shape = dict(SHAPES["tiny" if args.tiny else "3b"])
     if args.tokens is not None:
         if args.tokens < 2 * max(shape["text"]) + (max(shape["side"]) // 28) ** 2:
-            parser.error(f"--tokens {args.tokens}: expected at least two of the longest conversations, "
-                         f"{2 * max(shape['text']) + (max(shape['side']) // 28) ** 2} tokens")
+            parser.error(
+                f"--tokens {args.tokens}: expected at least two of the longest conversations, "
+                f"{2 * max(shape['text']) + (max(shape['side']) // 28) ** 2} tokens"
+            )
         shape["budget"] = args.tokens
     rows = packed_rows(shape, args.warmup + args.steps)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = {"tiny": args.tiny, "command": " ".join(["python scripts/bench_3b.py", *(argv or sys.argv[1:])]),
-               "environment": {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-                               "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                               "torch": torch.__version__, "transformers": transformers.__version__},
-               "data": {"shape": shape, "rows": len(rows),
-                        "tokens_per_row_mean": statistics.mean(float(r["seq_lengths"].sum()) for r in rows),
-                        "images_per_row_mean": statistics.mean(len(r["image_grid_thw"]) for r in rows)},
-               "check": check_segment_attention(config, device, amp), "modes": {}}
+    results = {
+        "tiny": args.tiny,
+        "command": " ".join(["python scripts/bench_3b.py", *(argv or sys.argv[1:])]),
+        "environment": {
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "data": {
+            "shape": shape,
+            "rows": len(rows),
+            "tokens_per_row_mean": statistics.mean(float(r["seq_lengths"].sum()) for r in rows),
+            "images_per_row_mean": statistics.mean(len(r["image_grid_thw"]) for r in rows),
+        },
+        "check": check_segment_attention(config, device, amp),
+        "modes": {},
+    }
     if max(results["check"].values()) > (2e-2 if amp else 1e-4):
         raise SystemExit(f"segment attention differs from the library: {results['check']}")
     rows = [{k: v.to(device) for k, v in r.items()} for r in rows]
     for mode in modes:
-        result = run_trl(config, rows, device, amp, args.warmup, args.out) if mode == "trl" else \
-            run_mode(config, mode, rows, device, amp, args.warmup)
+        result = (
+            run_trl(config, rows, device, amp, args.warmup, args.out)
+            if mode == "trl"
+            else run_mode(config, mode, rows, device, amp, args.warmup)
+        )
         results["modes"][mode] = result
         print(json.dumps(result), flush=True)
         _free(device)
     if {"lora", "trl"} <= set(modes):
-        results["trl_ratio"] = results["modes"]["lora"]["tokens_per_second"] / results["modes"]["trl"]["tokens_per_second"]
+        results["trl_ratio"] = (
+            results["modes"]["lora"]["tokens_per_second"] / results["modes"]["trl"]["tokens_per_second"]
+        )
     results["environment"]["varlen_failures"] = list(VARLEN_FAILED)
     (args.out / "bench_3b.json").write_text(json.dumps(results, indent=1))
     print(report(results, args.out))

@@ -85,15 +85,23 @@ def main() -> None:
 
 def write_readme_gallery(rows, columns: int = 3) -> None:
     """Replace the README's block between the course-map markers with a table of thumbnails."""
-    cells = [f"[**{path.stem.split('_', 1)[0]}** {heading}<br>"
-             f'<img src="{target.relative_to(REPO).as_posix()}" width="260">]({path.relative_to(REPO).as_posix()})'
-             for path, heading, target, _source in rows]
-    lines = ["## What each notebook looks like", "",
-             "One real picture per notebook, produced by the course itself: its first widget as the browser",
-             "suite saw it in JupyterLab, or else its first plot (`pytest tests/browser`, then",
-             "`python scripts/course_map.py`, remakes them).", "", "| " * columns + "|", "|---" * columns + "|"]
+    cells = [
+        f"[**{path.stem.split('_', 1)[0]}** {heading}<br>"
+        f'<img src="{target.relative_to(REPO).as_posix()}" width="260">]({path.relative_to(REPO).as_posix()})'
+        for path, heading, target, _source in rows
+    ]
+    lines = [
+        "## What each notebook looks like",
+        "",
+        "One real picture per notebook, produced by the course itself: its first widget as the browser",
+        "suite saw it in JupyterLab, or else its first plot (`pytest tests/browser`, then",
+        "`python scripts/course_map.py`, remakes them).",
+        "",
+        "| " * columns + "|",
+        "|---" * columns + "|",
+    ]
     for start in range(0, len(cells), columns):
-        row = cells[start:start + columns]
+        row = cells[start : start + columns]
         lines.append("| " + " | ".join(row + [""] * (columns - len(row))) + " |")
     text = README.read_text()
     head, rest = text.split(START, 1)

@@ -70,14 +70,22 @@ def training_flops(model, batch: dict, lora: bool = False) -> dict:
     window = (vcfg.window_size // vcfg.patch_size) ** 2  # patches per window (64)
     per_image = batch["image_grid_thw"].prod(-1).double()
     full_blocks = len(vcfg.fullatt_block_indexes)
-    vision_attn = 4 * vcfg.hidden_size * float((per_image**2).sum() * full_blocks
-                                               + (per_image * per_image.clamp(max=window)).sum() * (vcfg.depth - full_blocks))
-    back = 1 if lora else 2            # backward / forward matmul ratio
+    vision_attn = (
+        4
+        * vcfg.hidden_size
+        * float(
+            (per_image**2).sum() * full_blocks
+            + (per_image * per_image.clamp(max=window)).sum() * (vcfg.depth - full_blocks)
+        )
+    )
+    back = 1 if lora else 2  # backward / forward matmul ratio
     parts = {
         "lm_layers": 2 * n_layers * tokens * (1 + back),
         "lm_attention": 2 * d * layers * float((lengths**2).sum()) * 3,  # 4·T²/2·d fwd, ×3 with backward
         "lm_head": 2 * vocab * d * labelled * (1 + back),
-        "vision": (6 * n_vision * patches + 3 * vision_attn) if vision_trained else (2 * n_vision * patches + vision_attn),
+        "vision": (6 * n_vision * patches + 3 * vision_attn)
+        if vision_trained
+        else (2 * n_vision * patches + vision_attn),
     }
     parts["total"] = sum(parts.values())
     return parts
@@ -87,8 +95,9 @@ def benchmark_3b(mode: str, batch: dict, steps: int = 3, warmup: int = 2, lr: fl
     """Step time, tokens/s, MFU and peak memory of ``qwen25vl_3b_config()`` (random weights, bf16,
     gradient checkpointing) for ``mode`` "full" (AdamW on every weight, bf16 states) or "lora"
     (r=16 on the language model, vision tower frozen)."""
-    from helpers.qwen import qwen25vl_3b_config
     from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from helpers.qwen import qwen25vl_3b_config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = config or qwen25vl_3b_config()
@@ -107,7 +116,7 @@ def benchmark_3b(mode: str, batch: dict, steps: int = 3, warmup: int = 2, lr: fl
     batch = {k: v.to(device) for k, v in batch.items()}
     batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
     times = []
-    for i in range(warmup + steps):
+    for _i in range(warmup + steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -122,28 +131,54 @@ def benchmark_3b(mode: str, batch: dict, steps: int = 3, warmup: int = 2, lr: fl
     step = sum(times[warmup:]) / steps
     flops = training_flops(model, batch, lora=mode == "lora")
     tokens = float(batch["attention_mask"].sum())
-    result = {"mode": mode, "step_seconds": step, "tokens_per_step": tokens, "tokens_per_second": tokens / step,
-              "model_tflops_per_step": flops["total"] / 1e12, "flops_by_part_tflop": {k: v / 1e12 for k, v in flops.items()},
-              "mfu": flops["total"] / step / PEAK_BF16_FLOPS, "loss": float(loss.detach()),
-              "parameters": parameter_count(unwrap(model)),
-              "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    result = {
+        "mode": mode,
+        "step_seconds": step,
+        "tokens_per_step": tokens,
+        "tokens_per_second": tokens / step,
+        "model_tflops_per_step": flops["total"] / 1e12,
+        "flops_by_part_tflop": {k: v / 1e12 for k, v in flops.items()},
+        "mfu": flops["total"] / step / PEAK_BF16_FLOPS,
+        "loss": float(loss.detach()),
+        "parameters": parameter_count(unwrap(model)),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+    }
     del model, optimizer, loss
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
 
 
-def benchmark_loops(model_fn, processor, samples: list[Sample], steps: int = 30, skip: int = 5, batch_size: int = 64,
-                    lr: float = 1e-3, num_workers: int = 0, lr_scales: dict | None = None) -> dict:
+def benchmark_loops(
+    model_fn,
+    processor,
+    samples: list[Sample],
+    steps: int = 30,
+    skip: int = 5,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    num_workers: int = 0,
+    lr_scales: dict | None = None,
+) -> dict:
     """Tokens/s of our loop vs TRL's ``SFTTrainer`` on the same model (fresh from ``model_fn``),
     batches, collator, loss and optimiser settings; the first ``skip`` steps are not timed."""
     from transformers import TrainerCallback
 
     n = batch_size * steps
     data = samples[:n]
-    ours = train(model_fn(), processor, data, steps=steps, batch_size=batch_size, lr=lr, warmup=2,
-                 num_workers=num_workers, progress=False, lr_scales=lr_scales)
+    ours = train(
+        model_fn(),
+        processor,
+        data,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup=2,
+        num_workers=num_workers,
+        progress=False,
+        lr_scales=lr_scales,
+    )
     h = ours.history
     ours_tps = sum(h["tokens"][skip:]) / (h["seconds"][-1] - h["seconds"][skip - 1])
 
@@ -155,17 +190,34 @@ def benchmark_loops(model_fn, processor, samples: list[Sample], steps: int = 30,
                 torch.cuda.synchronize()
             marks.append(time.perf_counter())
 
-    trainer = trl_trainer(model_fn(), processor, data, steps=steps, batch_size=batch_size, lr=lr, warmup=2,
-                          lr_scales=lr_scales, bf16=torch.cuda.is_available(), output_dir=os.path.join(os.environ.get("TMPDIR", "/tmp"), "trl_bench"),
-                          dataloader_num_workers=num_workers)
+    trainer = trl_trainer(
+        model_fn(),
+        processor,
+        data,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup=2,
+        lr_scales=lr_scales,
+        bf16=torch.cuda.is_available(),
+        output_dir=os.path.join(os.environ.get("TMPDIR", "/tmp"), "trl_bench"),
+        dataloader_num_workers=num_workers,
+    )
     trainer.add_callback(Clock())
     trainer.train()
     logs = [e for e in trainer.state.log_history if "num_tokens" in e]
     tokens = [float(e["num_tokens"]) for e in logs]  # cumulative input tokens (TRL's count)
     trl_tps = (tokens[-1] - tokens[skip - 1]) / (marks[-1] - marks[skip - 1])
-    return {"ours_tokens_per_second": ours_tps, "trl_tokens_per_second": trl_tps, "steps": steps, "skip": skip,
-            "batch_size": batch_size, "ours_loss": h["loss"], "trl_loss": [e["loss"] for e in logs],
-            "speedup": ours_tps / trl_tps}
+    return {
+        "ours_tokens_per_second": ours_tps,
+        "trl_tokens_per_second": trl_tps,
+        "steps": steps,
+        "skip": skip,
+        "batch_size": batch_size,
+        "ours_loss": h["loss"],
+        "trl_loss": [e["loss"] for e in logs],
+        "speedup": ours_tps / trl_tps,
+    }
 
 
 def _batch_for_3b(batch_size: int, image_size: int, seed: int = 0) -> dict:
@@ -189,20 +241,36 @@ def gpu_report(out_dir, checkpoint_dir, smoke: bool = False) -> dict:
     say = lambda text: (print(text, flush=True), log.append(text))  # noqa: E731
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
     say(f"device {device}; torch {torch.__version__}; transformers {transformers.__version__}; smoke={smoke}")
-    metrics: dict = {"device": device, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "date": time.strftime("%Y-%m-%d %H:%M:%S"), "smoke": smoke}
+    metrics: dict = {
+        "device": device,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "smoke": smoke,
+    }
     t0 = time.perf_counter()
-    run = run_profile("cpu" if smoke else "gpu", out=checkpoint_dir, steps=3 if smoke else None, progress=False, log=log)
-    metrics["sft"] = {k: v for k, v in run.items() if k not in ("history", "model", "processor", "loss", "after_full", "evals")}
-    metrics["sft"]["baselines"] = {split: {t: b["score"] for t, b in blind_baselines(smp).items()} for split, smp in run["evals"].items()}
-    metrics["sft"]["score_table"] = {split: score_table(run["after_full"][split], blind_baselines(smp))
-                                     for split, smp in run["evals"].items()}  # score, blind, n, interval, p per task
+    run = run_profile(
+        "cpu" if smoke else "gpu", out=checkpoint_dir, steps=3 if smoke else None, progress=False, log=log
+    )
+    metrics["sft"] = {
+        k: v for k, v in run.items() if k not in ("history", "model", "processor", "loss", "after_full", "evals")
+    }
+    metrics["sft"]["baselines"] = {
+        split: {t: b["score"] for t, b in blind_baselines(smp).items()} for split, smp in run["evals"].items()
+    }
+    metrics["sft"]["score_table"] = {
+        split: score_table(run["after_full"][split], blind_baselines(smp)) for split, smp in run["evals"].items()
+    }  # score, blind, n, interval, p per task
     metrics["sft"]["loss_every_10"] = run["loss"][::10]
-    say(f"SFT: {run['steps']} steps in {run['train_seconds']:.1f} s, {run['tokens_per_second']:.0f} tokens/s; "
-        f"before {run['before']} after {run['after']}")
+    say(
+        f"SFT: {run['steps']} steps in {run['train_seconds']:.1f} s, {run['tokens_per_second']:.0f} tokens/s; "
+        f"before {run['before']} after {run['after']}"
+    )
     figure = plot_training(run["history"], run["after"], title=f"SFT, gpu profile on {device}")
     figure.savefig(out_dir / "sft_training.png")
-    figure = plot_predictions([x for split in ("test", "ood") for x in examples(run["evals"][split], run["after_full"][split])], ncols=6)
+    figure = plot_predictions(
+        [x for split in ("test", "ood") for x in examples(run["evals"][split], run["after_full"][split])], ncols=6
+    )
     figure.savefig(out_dir / "sft_examples.png")
     processor = run["processor"]
     del run
@@ -210,11 +278,20 @@ def gpu_report(out_dir, checkpoint_dir, smoke: bool = False) -> dict:
         s = recipe("cpu" if smoke else "gpu")
         steps, batch_size = (4, 4) if smoke else (30, s.batch_size)
         samples = make_split("train", steps * batch_size, 5, **s.data)
-        metrics["loop_vs_trl"] = benchmark_loops(lambda: model_for_profile("cpu" if smoke else "gpu")[0], processor, samples,
-                                                 steps=steps, skip=2 if smoke else 5, batch_size=batch_size,
-                                                 lr=s.lr, lr_scales=s.lr_scales)
-        say(f"loop vs TRL: {metrics['loop_vs_trl']['ours_tokens_per_second']:.0f} vs "
-            f"{metrics['loop_vs_trl']['trl_tokens_per_second']:.0f} tokens/s")
+        metrics["loop_vs_trl"] = benchmark_loops(
+            lambda: model_for_profile("cpu" if smoke else "gpu")[0],
+            processor,
+            samples,
+            steps=steps,
+            skip=2 if smoke else 5,
+            batch_size=batch_size,
+            lr=s.lr,
+            lr_scales=s.lr_scales,
+        )
+        say(
+            f"loop vs TRL: {metrics['loop_vs_trl']['ours_tokens_per_second']:.0f} vs "
+            f"{metrics['loop_vs_trl']['trl_tokens_per_second']:.0f} tokens/s"
+        )
     except Exception as error:  # noqa: BLE001  (a missing TRL must not cost the other measurements)
         metrics["loop_vs_trl"] = {"error": repr(error)[:500]}
         say(f"loop vs TRL failed: {error!r}"[:500])
@@ -225,13 +302,19 @@ def gpu_report(out_dir, checkpoint_dir, smoke: bool = False) -> dict:
         try:
             r = benchmark_3b(mode, batch, steps=1 if smoke else 3, warmup=1 if smoke else 2, config=config)
             metrics["3b"][mode] = r
-            say(f"3B {mode}: {r['step_seconds']:.3f} s/step, {r['tokens_per_second']:.0f} tokens/s, MFU {r['mfu']:.3f}, "
-                f"peak {r['peak_memory_gib']} GiB, trainable {r['trainable']:,}")
+            say(
+                f"3B {mode}: {r['step_seconds']:.3f} s/step, {r['tokens_per_second']:.0f} tokens/s, MFU {r['mfu']:.3f}, "
+                f"peak {r['peak_memory_gib']} GiB, trainable {r['trainable']:,}"
+            )
         except Exception as error:  # noqa: BLE001
             metrics["3b"][mode] = {"error": repr(error)[:500]}
             say(f"3B {mode} failed: {error!r}"[:500])
-    metrics["3b_batch"] = {"images": int(batch["image_grid_thw"].shape[0]), "image_size": 112 if smoke else 448,
-                           "tokens": int(batch["attention_mask"].sum()), "labelled": int((batch["labels"] != IGNORE_INDEX).sum())}
+    metrics["3b_batch"] = {
+        "images": int(batch["image_grid_thw"].shape[0]),
+        "image_size": 112 if smoke else 448,
+        "tokens": int(batch["attention_mask"].sum()),
+        "labelled": int((batch["labels"] != IGNORE_INDEX).sum()),
+    }
     metrics["mfu_flops"] = training_flops.__doc__.split("\n\n")[1].strip()
     metrics["wall_seconds"] = time.perf_counter() - t0
     say(f"all done in {metrics['wall_seconds']:.0f} s")

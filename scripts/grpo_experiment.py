@@ -64,9 +64,13 @@ def run_seed(profile: str, seed: int, steps: int | None, n_eval: int | None, trl
         elif arm == "sft":
             out["sft_loss"] = grpo.sft_continuation(model, processor, prompts, cfg, seed=seed).history["loss"]
         out["seconds"][arm] = round(time.perf_counter() - t0, 1)
-        out["arms"][arm] = {split: {row["task"]: {k: row[k] for k in ("score", "n", "blind", "p")}
-                                    for row in score_table(evaluate(model, processor, smp), blind_baselines(smp))}
-                            for split, smp in questions.items()}
+        out["arms"][arm] = {
+            split: {
+                row["task"]: {k: row[k] for k in ("score", "n", "blind", "p")}
+                for row in score_table(evaluate(model, processor, smp), blind_baselines(smp))
+            }
+            for split, smp in questions.items()
+        }
         out["best_of_g"][arm] = best_of_g(model, processor, sharpen_on, cfg, seed=1000 + seed)
     if trl_steps and seed == 0:
         out["trl_route"] = trl_route(start, prompts, cfg, trl_steps)
@@ -94,10 +98,15 @@ def trl_route(start, prompts, cfg, steps: int) -> dict:
         trainer.train()
         trl_seconds = time.perf_counter() - t0
     logs = [h for h in trainer.state.log_history if "reward" in h]
-    return {"steps": steps, "ours_reward": [h["reward"] for h in ours], "trl_reward": [h["reward"] for h in logs],
-            "ours_zero_std": [h["zero_std_groups"] for h in ours],
-            "trl_zero_std": [h.get("frac_reward_zero_std") for h in logs],
-            "ours_seconds": round(ours_seconds, 1), "trl_seconds": round(trl_seconds, 1)}
+    return {
+        "steps": steps,
+        "ours_reward": [h["reward"] for h in ours],
+        "trl_reward": [h["reward"] for h in logs],
+        "ours_zero_std": [h["zero_std_groups"] for h in ours],
+        "trl_zero_std": [h.get("frac_reward_zero_std") for h in logs],
+        "ours_seconds": round(ours_seconds, 1),
+        "trl_seconds": round(trl_seconds, 1),
+    }
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -112,9 +121,15 @@ def summarise(runs: list[dict]) -> dict:
             mean = {arm: sum(v) / len(v) for arm, v in scores.items()}
             spread = {arm: max(v) - min(v) for arm, v in scores.items()}
             table.setdefault(split, {})[task] = {
-                "n": row["n"], "blind": row["blind"], "scores": scores, "mean": mean, "spread": spread,
-                "grpo_gain": mean["grpo"] - mean["start"], "grpo_vs_sft": mean["grpo"] - mean["sft"],
-                "grpo_gain_beats_spread": mean["grpo"] - mean["start"] > spread["grpo"]}
+                "n": row["n"],
+                "blind": row["blind"],
+                "scores": scores,
+                "mean": mean,
+                "spread": spread,
+                "grpo_gain": mean["grpo"] - mean["start"],
+                "grpo_vs_sft": mean["grpo"] - mean["sft"],
+                "grpo_gain_beats_spread": mean["grpo"] - mean["start"] > spread["grpo"],
+            }
     return table
 
 
@@ -131,8 +146,15 @@ def plot(summary: dict, runs: list[dict], path: Path) -> None:
         axes[0].bar(xs, [sum(v) / len(v) for v in values], 0.25, label=arm, color=f"C{a}")
         for x, v in zip(xs, values):
             axes[0].scatter([x] * len(v), v, color="black", s=6, zorder=3)
-    axes[0].scatter(range(len(labels)), [summary[s][t]["blind"] for s in splits for t in tasks], marker="_", s=300,
-                    color="red", label="image-blind", zorder=4)
+    axes[0].scatter(
+        range(len(labels)),
+        [summary[s][t]["blind"] for s in splits for t in tasks],
+        marker="_",
+        s=300,
+        color="red",
+        label="image-blind",
+        zorder=4,
+    )
     axes[0].set_xticks(range(len(labels)), labels, fontsize=7)
     axes[0].set(ylabel="accuracy / mean IoU", title="start, SFT control, GRPO (dots: seeds)")
     axes[0].legend(fontsize=7)
@@ -157,7 +179,9 @@ def main(argv=None) -> None:
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one seed, print JSON
     args = parser.parse_args(argv)
     if args.one is not None:
-        print("RESULT " + json.dumps(run_seed(args.profile, args.one, args.steps, args.eval, args.trl_steps)), flush=True)
+        print(
+            "RESULT " + json.dumps(run_seed(args.profile, args.one, args.steps, args.eval, args.trl_steps)), flush=True
+        )
         return
     from helpers.grpo import GRPOSettings
 
@@ -175,18 +199,32 @@ def main(argv=None) -> None:
     flags += (["--steps", str(args.steps)] if args.steps else []) + (["--eval", str(args.eval)] if args.eval else [])
 
     def report(seed, run):
-        print(f"seed {seed}: " + json.dumps({arm: {s: {t: round(v["score"], 3) for t, v in r.items()}
-                                                   for s, r in run["arms"][arm].items()} for arm in ARMS}), flush=True)
+        print(
+            f"seed {seed}: "
+            + json.dumps(
+                {
+                    arm: {s: {t: round(v["score"], 3) for t, v in r.items()} for s, r in run["arms"][arm].items()}
+                    for arm in ARMS
+                }
+            ),
+            flush=True,
+        )
 
-    runs = run_jobs({seed: [sys.executable, __file__, "--one", str(seed), *flags] for seed in seeds}, args.jobs, ROOT, report)
+    runs = run_jobs(
+        {seed: [sys.executable, __file__, "--one", str(seed), *flags] for seed in seeds}, args.jobs, ROOT, report
+    )
     ordered = [runs[s] for s in seeds]
     import torch
     import transformers
 
-    meta = {"command": "python scripts/grpo_experiment.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores, {args.jobs} jobs of one thread",
-            "wall_seconds": round(time.perf_counter() - started, 1), "settings": json.loads(json.dumps(cfg.__dict__, default=list)),
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+    meta = {
+        "command": "python scripts/grpo_experiment.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} CPU cores, {args.jobs} jobs of one thread",
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "settings": json.loads(json.dumps(cfg.__dict__, default=list)),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
     summary = summarise(ordered)
     (out / "experiment.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": ordered}, indent=1))
     plot(summary, ordered, out / "experiment.png")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def run_jobs(commands: dict, jobs: int, cwd: Path, on_result: Callable[[object, dict], None] | None = None) -> dict:
@@ -28,7 +28,7 @@ def run_jobs(commands: dict, jobs: int, cwd: Path, on_result: Callable[[object, 
                 for _, other in running:
                     other.kill()
                 raise SystemExit(f"{key!r} failed (exit {proc.returncode})")
-            results[key] = json.loads(line[len("RESULT "):])
+            results[key] = json.loads(line[len("RESULT ") :])
             if on_result is not None:
                 on_result(key, results[key])
     return results

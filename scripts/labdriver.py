@@ -26,9 +26,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 #: The notebooks the suite opens (``COURSE_NOTEBOOK_DIR``; the server serves the folder above it).
@@ -37,8 +37,14 @@ NOTEBOOK_DIR = Path(os.environ.get("COURSE_NOTEBOOK_DIR", REPO / "notebooks")).r
 SCREENSHOTS = Path(os.environ.get("COURSE_SCREENSHOTS", REPO / "screenshots")).resolve()
 CHROMIUM = os.environ.get("COURSE_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
     "--no-proxy-server",  # the server is on loopback; ignore any proxy in the environment
 ]
 VIEWPORT = {"width": 1280, "height": 1000}
@@ -119,7 +125,7 @@ class LabServer:
         self.process: subprocess.Popen | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def start(self) -> "LabServer":
+    def start(self) -> LabServer:
         for name, values in USER_SETTINGS.items():
             path = self.home / ".jupyter" / "lab" / "user-settings" / name
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -134,20 +140,39 @@ class LabServer:
             # Readers see inline figures: undo the Agg backend the unit tests set.
             MPLBACKEND="module://matplotlib_inline.backend_inline",
         )
-        for leaked in ("JUPYTER_CONFIG_DIR", "JUPYTERLAB_SETTINGS_DIR", "JUPYTERLAB_WORKSPACES_DIR", "PYTEST_CURRENT_TEST"):
+        for leaked in (
+            "JUPYTER_CONFIG_DIR",
+            "JUPYTERLAB_SETTINGS_DIR",
+            "JUPYTERLAB_WORKSPACES_DIR",
+            "PYTEST_CURRENT_TEST",
+        ):
             env.pop(leaked, None)
         command = [
-            sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={self.port}",
-            "--port-retries=0", "--IdentityProvider.token=", "--ServerApp.password=",
-            "--ServerApp.disable_check_xsrf=True", f"--ServerApp.root_dir={self.root_dir}",
-            "--LabApp.news_url=None", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--ip=127.0.0.1",
+            f"--port={self.port}",
+            "--port-retries=0",
+            "--IdentityProvider.token=",
+            "--ServerApp.password=",
+            "--ServerApp.disable_check_xsrf=True",
+            f"--ServerApp.root_dir={self.root_dir}",
+            "--LabApp.news_url=None",
+            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
             "--LabApp.expose_app_in_browser=True",
         ]
         if os.geteuid() == 0:
             command.append("--allow-root")
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            command, cwd=self.root_dir, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            command,
+            cwd=self.root_dir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent,
         )
         log.close()
@@ -177,7 +202,7 @@ class LabServer:
                 self.process.wait(timeout=10)
         shutil.rmtree(self.home, ignore_errors=True)
 
-    def __enter__(self) -> "LabServer":
+    def __enter__(self) -> LabServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -217,7 +242,11 @@ def chromium(profile_dir: Path | None = None):
     try:
         with sync_playwright() as playwright:
             context = playwright.chromium.launch_persistent_context(
-                str(profile), executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS, viewport=VIEWPORT,
+                str(profile),
+                executable_path=CHROMIUM,
+                headless=True,
+                args=CHROMIUM_ARGS,
+                viewport=VIEWPORT,
             )
             try:
                 yield context
@@ -325,7 +354,8 @@ class Notebook:
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"{self.relpath}: kernel not idle after {timeout:.0f} s (status {self.kernel_status()!r}, "
-                    f"prompts {self.prompts()})")
+                    f"prompts {self.prompts()})"
+                )
             self.page.wait_for_timeout(interval_ms)
 
     # -- cells ----------------------------------------------------------------------------------
@@ -367,12 +397,13 @@ class Notebook:
         self.menu("Edit", "editmenu:clear-all")
         self.page.wait_for_function(
             "() => Array.from(document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-OutputArea-output')).length === 0",
-            timeout=30_000)
+            timeout=30_000,
+        )
 
     def run_all(self, timeout: float) -> float:
         """Run > Run All Cells, and wait until every cell has run; returns the wall time in s."""
         start = time.monotonic()
-        for attempt in range(3):
+        for _attempt in range(3):
             self.menu("Run", "runmenu:run-all")
             # Run All queues every cell at once (``[*]``): wait for that, so "idle" below means "done".
             # Nothing queued after 10 s means the click was lost (it happens while Lab is still
@@ -380,10 +411,14 @@ class Notebook:
             with contextlib.suppress(Exception):
                 self.page.wait_for_function(
                     """() => Array.from(document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell .jp-InputArea-prompt'))
-                             .some(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))""", timeout=10_000)
+                             .some(p => /\\[(\\*|\\d+)\\]/.test(p.textContent))""",
+                    timeout=10_000,
+                )
                 break
         else:
-            raise AssertionError(f"{self.relpath}: Run > Run All Cells started nothing (3 tries); prompts {self.prompts()}")
+            raise AssertionError(
+                f"{self.relpath}: Run > Run All Cells started nothing (3 tries); prompts {self.prompts()}"
+            )
         self.wait_idle(timeout, all_prompts_done=True)
         return time.monotonic() - start
 
@@ -449,8 +484,9 @@ class Notebook:
             found.append(("text field", field.input_value, append))
         return found
 
-    def change_control(self, box, *, max_steps: int = 25, timeout: float = 30.0, measure: bool = False,
-                       control: int = 0) -> ControlChange:
+    def change_control(
+        self, box, *, max_steps: int = 25, timeout: float = 30.0, measure: bool = False, control: int = 0
+    ) -> ControlChange:
         """Operate one control of ``box`` (``controls(box)[control]``) until its output has changed.
 
         A slider gets one arrow-key press at a time (noUiSlider: focus + ArrowRight/ArrowLeft); after
@@ -483,8 +519,10 @@ class Notebook:
                 self.page.wait_for_timeout(50)
             self.wait_idle(timeout, interval_ms=150)
             self.page.wait_for_function(
-                "(out) => Array.from(out.querySelectorAll('img')).every(i => i.complete)", arg=output.element_handle(),
-                timeout=timeout * 1000)
+                "(out) => Array.from(out.querySelectorAll('img')).every(i => i.complete)",
+                arg=output.element_handle(),
+                timeout=timeout * 1000,
+            )
             after = self.output_state(output)
             text_done = not before["text"] or after["text"] != before["text"]
             image_done = not before["images"] or after["images"] != before["images"]

@@ -29,8 +29,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "profile, seed 1": ("another seed (model init and data)", {"seed": 1}),
     "profile, seed 2": ("another seed (model init and data)", {"seed": 2}),
     "norm weight 1": ("final norm at transformers' init (1, not 8)", {"logit_scale_init": 1.0}),
-    "table std 0.25, norm 1": ("logit room from a larger table instead (std 0.25 ≈ 2.8/√d)",
-                               {"embedding_std": 0.25, "logit_scale_init": 1.0}),
+    "table std 0.25, norm 1": (
+        "logit room from a larger table instead (std 0.25 ≈ 2.8/√d)",
+        {"embedding_std": 0.25, "logit_scale_init": 1.0},
+    ),
     "table trainable": ("embedding table trained with the rest", {"freeze_embeddings": False}),
     "per-token average": ("loss averaged over tokens, not answers", {"average": "token"}),
     "no position cue": ("plain background", {"data": {"position_cue": 0.0}}),
@@ -56,10 +58,23 @@ def run_variant(name: str, n_eval: int) -> dict:
     for split in ("test", "ood"):
         questions = make_split(split, n_eval, 0, **r.data)  # seed 0: every variant meets the same questions
         rows = score_table(evaluate(run["model"], run["processor"], questions), blind_baselines(questions))
-        scored[split] = {row["task"]: {"score": round(row["score"], 4), "n": row["n"], "blind": round(row["blind"], 4),
-                                       "p": row["p"]} for row in rows}
-    return {"variant": name, "change": VARIANTS[name][0], "train_seconds": round(seconds, 1),
-            "steps": run["steps"], "final_loss": round(sum(run["loss"][-10:]) / 10, 4), **scored}
+        scored[split] = {
+            row["task"]: {
+                "score": round(row["score"], 4),
+                "n": row["n"],
+                "blind": round(row["blind"], 4),
+                "p": row["p"],
+            }
+            for row in rows
+        }
+    return {
+        "variant": name,
+        "change": VARIANTS[name][0],
+        "train_seconds": round(seconds, 1),
+        "steps": run["steps"],
+        "final_loss": round(sum(run["loss"][-10:]) / 10, 4),
+        **scored,
+    }
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -109,19 +124,30 @@ def main(argv=None) -> None:
     started = time.perf_counter()
 
     def report(name, r):
-        print(f"{name:20s} {r['train_seconds']:6.1f} s  loss {r['final_loss']:.3f}  "
-              + "  ".join(f"{t} {v['score']:.3f} (n={v['n']})" for t, v in r["test"].items()), flush=True)
+        print(
+            f"{name:20s} {r['train_seconds']:6.1f} s  loss {r['final_loss']:.3f}  "
+            + "  ".join(f"{t} {v['score']:.3f} (n={v['n']})" for t, v in r["test"].items()),
+            flush=True,
+        )
 
-    results = run_jobs({name: [sys.executable, __file__, "--one", name, "--eval", str(args.eval)] for name in names},
-                       args.jobs, ROOT, report)
+    results = run_jobs(
+        {name: [sys.executable, __file__, "--one", name, "--eval", str(args.eval)] for name in names},
+        args.jobs,
+        ROOT,
+        report,
+    )
     ordered = [results[n] for n in names]
     import torch
     import transformers
 
-    meta = {"command": "python scripts/sft_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPU cores, {args.jobs} jobs of one thread",
-            "wall_seconds": round(time.perf_counter() - started, 1), "n_eval": args.eval,
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+    meta = {
+        "command": "python scripts/sft_ablation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} CPU cores, {args.jobs} jobs of one thread",
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "n_eval": args.eval,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
     (out / "ablation.json").write_text(json.dumps({"meta": meta, "results": ordered}, indent=1))
     plot(ordered, out / "ablation.png")
     print(f"wrote {out / 'ablation.json'} and {out / 'ablation.png'}")

@@ -65,10 +65,15 @@ def time_widget(widget, repeats: int) -> dict:
             runs.append(((time.perf_counter() - start) * 1000, index, repeat + 1))
     times = sorted(ms for ms, _, _ in runs)
     worst, index, repeat = max(runs)
-    return {"settings": len(settings), "runs": len(runs), "median": statistics.median(times),
-            "p90": times[min(len(times) - 1, round(0.9 * (len(times) - 1)))], "worst": worst,
-            "worst_at": f"{'defaults' if index == 0 else f'variation {index}'}, pass {repeat}",
-            "first_render": first_render}
+    return {
+        "settings": len(settings),
+        "runs": len(runs),
+        "median": statistics.median(times),
+        "p90": times[min(len(times) - 1, round(0.9 * (len(times) - 1)))],
+        "worst": worst,
+        "worst_at": f"{'defaults' if index == 0 else f'variation {index}'}, pass {repeat}",
+        "first_render": first_render,
+    }
 
 
 def browser_latency(notebook: str, presses: int) -> dict:
@@ -96,8 +101,15 @@ def browser_latency(notebook: str, presses: int) -> dict:
         page.close()
     if not samples:
         raise SystemExit(f"{notebook}: no press changed the output")
-    return {"notebook": notebook, "control": kind, "presses": presses, "counted": len(samples),
-            "unchanged": unchanged, "median": statistics.median(samples), "worst": max(samples)}
+    return {
+        "notebook": notebook,
+        "control": kind,
+        "presses": presses,
+        "counted": len(samples),
+        "unchanged": unchanged,
+        "median": statistics.median(samples),
+        "worst": max(samples),
+    }
 
 
 def verdict(median: float, worst: float) -> str:
@@ -120,16 +132,24 @@ def report(rows: list[dict], browser: dict | None, command: str, load: tuple[flo
         "|---|---|---|---:|---:|---:|---|---:|---|",
     ]
     for row in rows:
-        lines.append(f"| {row['notebook']} | `{row['name']}` | {row['settings']} × {row['runs'] // row['settings']} | "
-                     f"{row['median']:.0f} | {row['p90']:.0f} | {row['worst']:.0f} | {row['worst_at']} | "
-                     f"{row['first_render']:.0f} | {verdict(row['median'], row['worst'])} |")
+        lines.append(
+            f"| {row['notebook']} | `{row['name']}` | {row['settings']} × {row['runs'] // row['settings']} | "
+            f"{row['median']:.0f} | {row['p90']:.0f} | {row['worst']:.0f} | {row['worst_at']} | "
+            f"{row['first_render']:.0f} | {verdict(row['median'], row['worst'])} |"
+        )
     if rows:
         slowest = max(rows, key=lambda r: r["worst"])
-        lines += ["", f"Slowest widget (worst case): `{slowest['name']}` ({slowest['notebook']}), "
-                      f"median {slowest['median']:.0f} ms, worst {slowest['worst']:.0f} ms."]
-    lines += ["", "\"settings\" are the widget's defaults and the variations it registers; \"worst at\" says "
-                  "which setting and pass gave the worst time (pass 1 is a setting's first visit). \"first render\" "
-                  "is the call the notebook makes when the cell runs (cold caches); it is not part of the median or worst."]
+        lines += [
+            "",
+            f"Slowest widget (worst case): `{slowest['name']}` ({slowest['notebook']}), "
+            f"median {slowest['median']:.0f} ms, worst {slowest['worst']:.0f} ms.",
+        ]
+    lines += [
+        "",
+        '"settings" are the widget\'s defaults and the variations it registers; "worst at" says '
+        'which setting and pass gave the worst time (pass 1 is a setting\'s first visit). "first render" '
+        "is the call the notebook makes when the cell runs (cold caches); it is not part of the median or worst.",
+    ]
     if browser:
         lines += [
             "",
@@ -148,13 +168,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--browser", default="02_smart_resize", help="notebook to time in the browser ('' to skip)")
     parser.add_argument("--presses", type=int, default=20, help="arrow-key presses timed in the browser")
     parser.add_argument("--only", default="", help="time only widgets whose name contains this")
-    parser.add_argument("--markdown", type=Path, help="also write the table to this file (in README.md: between its performance markers)")
-    parser.add_argument("--no-gc-freeze", action="store_true",
-                        help="skip helpers.widgets.freeze_heap(), which helpers.widgets.show() runs before the first "
-                             "render (what-if: the worst cases become full garbage collections walking the ~450k "
-                             "objects torch and transformers leave behind)")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        help="also write the table to this file (in README.md: between its performance markers)",
+    )
+    parser.add_argument(
+        "--no-gc-freeze",
+        action="store_true",
+        help="skip helpers.widgets.freeze_heap(), which helpers.widgets.show() runs before the first "
+        "render (what-if: the worst cases become full garbage collections walking the ~450k "
+        "objects torch and transformers leave behind)",
+    )
     args = parser.parse_args(argv)
-    command = "python scripts/widget_latency.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python scripts/widget_latency.py" + "".join(
+        f" {a}" for a in (argv if argv is not None else sys.argv[1:])
+    )
     load = os.getloadavg()
 
     registry = load_registry()
@@ -168,12 +197,18 @@ def main(argv: list[str] | None = None) -> None:
             continue
         timing = time_widget(widget, args.repeats)
         rows.append({"name": name.removeprefix("helpers."), "notebook": widget.notebook, **timing})
-        print(f"{widget.notebook:24s} {name:45s} median {timing['median']:7.1f} ms  worst {timing['worst']:7.1f} ms "
-              f"({timing['worst_at']})", flush=True)
+        print(
+            f"{widget.notebook:24s} {name:45s} median {timing['median']:7.1f} ms  worst {timing['worst']:7.1f} ms "
+            f"({timing['worst_at']})",
+            flush=True,
+        )
     browser = browser_latency(args.browser, args.presses) if args.browser else None
     if browser:
-        print(f"browser {browser['notebook']}: median {browser['median']:.1f} ms, worst {browser['worst']:.1f} ms "
-              f"({browser['counted']} of {browser['presses']} presses changed the output)", flush=True)
+        print(
+            f"browser {browser['notebook']}: median {browser['median']:.1f} ms, worst {browser['worst']:.1f} ms "
+            f"({browser['counted']} of {browser['presses']} presses changed the output)",
+            flush=True,
+        )
     text = report(rows, browser, command, load)
     print(text)
     if args.markdown:

@@ -9,8 +9,16 @@ import torch
 from torchvision.ops import box_iou
 
 from helpers import boxes
-from helpers.boxes import (box_to_original, box_to_resized, box_to_thousandths, compact_grounding_answer,
-                           fenced_grounding_answer, iou, map_box, parse_grounding)
+from helpers.boxes import (
+    box_to_original,
+    box_to_resized,
+    box_to_thousandths,
+    compact_grounding_answer,
+    fenced_grounding_answer,
+    iou,
+    map_box,
+    parse_grounding,
+)
 from helpers.constants import MIN_PIXELS, TOKEN_PIXELS
 from helpers.rewards import parse_answer, score
 from helpers.vision import smart_resize
@@ -54,11 +62,14 @@ def test_box_known_values():
     assert box_to_thousandths((150, 128, 300, 256), (512, 600)) == [250, 250, 500, 500]
 
 
-@pytest.mark.parametrize("box, size, message", [
-    ((10, 10, 5, 20), (100, 100), "0 ≤ x1 ≤ x2 ≤ 100"),
-    ((-1, 0, 5, 5), (100, 100), "0 ≤ x1"),
-    ((0, 0, 5, 101), (100, 100), "y2 ≤ 100"),
-])
+@pytest.mark.parametrize(
+    "box, size, message",
+    [
+        ((10, 10, 5, 20), (100, 100), "0 ≤ x1 ≤ x2 ≤ 100"),
+        ((-1, 0, 5, 5), (100, 100), "0 ≤ x1"),
+        ((0, 0, 5, 101), (100, 100), "y2 ≤ 100"),
+    ],
+)
 def test_bad_boxes_raise(box, size, message):
     with pytest.raises(ValueError, match=message):
         map_box(box, size, (56, 56))
@@ -122,8 +133,10 @@ def test_iou_edge_cases():
 def test_both_layouts_parse_to_the_same_objects():
     fenced = fenced_grounding_answer([([10, 20, 30, 40], "face"), ([0, 0, 5, 5], "cap")])
     assert fenced.startswith("```json\n[\n\t{") and fenced.endswith("\n]\n```")
-    assert parse_grounding(fenced) == [{"bbox_2d": [10, 20, 30, 40], "label": "face"},
-                                       {"bbox_2d": [0, 0, 5, 5], "label": "cap"}]
+    assert parse_grounding(fenced) == [
+        {"bbox_2d": [10, 20, 30, 40], "label": "face"},
+        {"bbox_2d": [0, 0, 5, 5], "label": "cap"},
+    ]
     compact = compact_grounding_answer(np.array([1, 2, 3, 4]), "red circle")
     assert "\n" not in compact and "```" not in compact
     assert parse_grounding(compact) == [{"bbox_2d": [1, 2, 3, 4], "label": "red circle"}]
@@ -134,8 +147,17 @@ def test_both_layouts_parse_to_the_same_objects():
     assert parse_answer("grounding", fenced) is None  # two objects
 
 
-@pytest.mark.parametrize("text", ["the face is at the top", "Answer: [{\"bbox_2d\": [1, 2, 3, 4]}]",
-                                  "[{\"bbox_2d\": [1, 2, 3, 4]}] done", "[[1, 2, 3, 4]]", "[", "```json\n7\n```"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "the face is at the top",
+        'Answer: [{"bbox_2d": [1, 2, 3, 4]}]',
+        '[{"bbox_2d": [1, 2, 3, 4]}] done',
+        "[[1, 2, 3, 4]]",
+        "[",
+        "```json\n7\n```",
+    ],
+)
 def test_parse_grounding_rejects_text_that_is_not_an_answer(text):
     with pytest.raises(ValueError, match="not a grounding answer"):
         parse_grounding(text)

@@ -24,13 +24,19 @@ def test_a_published_folder_verifies_and_records_what_it_was_built_from(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]  # no staging folder left
 
 
-@pytest.mark.parametrize("damage, says", [
-    (lambda f: (f / "b.txt").write_text("hellO"), "entry/b.txt does not match its SHA-256 in the manifest"),
-    (lambda f: (f / "b.txt").write_text("hell"), "entry/b.txt has 4 bytes, the manifest says 5"),
-    (lambda f: (f / "a.json").unlink(), "entry/a.json is missing"),
-    (lambda f: (f / "x.pkl").write_bytes(b"\x80"), "entry/x.pkl is an unexpected file"),
-    (lambda f: (f / "manifest.json").write_text("{"), "entry/manifest.json is missing or unreadable (JSONDecodeError)"),
-])
+@pytest.mark.parametrize(
+    "damage, says",
+    [
+        (lambda f: (f / "b.txt").write_text("hellO"), "entry/b.txt does not match its SHA-256 in the manifest"),
+        (lambda f: (f / "b.txt").write_text("hell"), "entry/b.txt has 4 bytes, the manifest says 5"),
+        (lambda f: (f / "a.json").unlink(), "entry/a.json is missing"),
+        (lambda f: (f / "x.pkl").write_bytes(b"\x80"), "entry/x.pkl is an unexpected file"),
+        (
+            lambda f: (f / "manifest.json").write_text("{"),
+            "entry/manifest.json is missing or unreadable (JSONDecodeError)",
+        ),
+    ],
+)
 def test_verify_names_the_bad_file(tmp_path, damage, says):
     target = cache.publish(tmp_path / "entry", fill)
     damage(target)
@@ -61,8 +67,10 @@ def hold_lock(path, seconds, log):
 
 def test_the_lock_lets_one_process_in_at_a_time(tmp_path):
     log = multiprocessing.get_context("fork").Queue()
-    runs = [multiprocessing.get_context("fork").Process(target=hold_lock, args=(tmp_path / "entry", 0.3, log))
-            for _ in range(2)]
+    runs = [
+        multiprocessing.get_context("fork").Process(target=hold_lock, args=(tmp_path / "entry", 0.3, log))
+        for _ in range(2)
+    ]
     for run in runs:
         run.start()
     for run in runs:

@@ -1,20 +1,32 @@
 """helpers.chat (notebook 01): messages, prompts, vision pads, the loss mask, grounding answers."""
 
-
 import numpy as np
 import pytest
 import torch
 
 from helpers import chat
 from helpers.boxes import parse_grounding
-from helpers.chat import (IGNORE_INDEX, assistant_loss_mask, course_processor, example_conversation,
-                          expand_vision_pads, format_data, labels_from_mask, render_conversation)
+from helpers.chat import (
+    IGNORE_INDEX,
+    assistant_loss_mask,
+    course_processor,
+    example_conversation,
+    expand_vision_pads,
+    format_data,
+    labels_from_mask,
+    render_conversation,
+)
 from helpers.tokenizer import SPECIAL_TOKENS
 from helpers.vision import course_photo
 from helpers.widgets import REGISTRY, render
 
-SWITCHES = [dict(system=s, image=i, video=v, second_turn=t)
-            for s in (False, True) for i in (False, True) for v in (False, True) for t in (False, True)]
+SWITCHES = [
+    dict(system=s, image=i, video=v, second_turn=t)
+    for s in (False, True)
+    for i in (False, True)
+    for v in (False, True)
+    for t in (False, True)
+]
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +79,18 @@ def test_generation_prompt_after_answer_is_the_trap(processor):
     messages = example_conversation(image=False)
     _, good, good_mask = render_conversation(messages)
     _, bad, bad_mask = render_conversation(messages, add_generation_prompt=True)
-    assert bad[:len(good)] == good and bad[len(good):] == list(chat.ASSISTANT_HEADER)
-    assert torch.equal(bad_mask[:len(good)], good_mask) and bad_mask[len(good):].sum() == 0
+    assert bad[: len(good)] == good and bad[len(good) :] == list(chat.ASSISTANT_HEADER)
+    assert torch.equal(bad_mask[: len(good)], good_mask) and bad_mask[len(good) :].sum() == 0
     assert chat.after_last_header_mask(good).sum() == good_mask.sum() + 1  # + the final newline
     assert chat.after_last_header_mask(bad).sum() == 0  # nothing left to learn from
 
 
 def test_expand_vision_pads_counts_and_errors():
     ids = [1, chat.IMAGE_PAD, 2, chat.VIDEO_PAD, chat.IMAGE_PAD]
-    assert expand_vision_pads(ids, [2, 3], [1]) == [1, chat.IMAGE_PAD, chat.IMAGE_PAD, 2, chat.VIDEO_PAD] + [chat.IMAGE_PAD] * 3
+    assert (
+        expand_vision_pads(ids, [2, 3], [1])
+        == [1, chat.IMAGE_PAD, chat.IMAGE_PAD, 2, chat.VIDEO_PAD] + [chat.IMAGE_PAD] * 3
+    )
     with pytest.raises(ValueError, match="0 <\\|image_pad\\|> placeholder\\(s\\) for 1 image"):
         expand_vision_pads([1, 2], [5])
     with pytest.raises(ValueError, match="1 <\\|video_pad\\|> placeholder\\(s\\) for 2 video"):
@@ -97,14 +112,17 @@ def test_format_data_and_its_errors():
             format_data(*args)
 
 
-@pytest.mark.parametrize("messages, error, message", [
-    ([{"role": "robot", "content": "hi"}], ValueError, "role 'robot'; accepted: system, user, assistant, tool"),
-    ([{"role": "user", "content": [{"type": "audio"}]}], ValueError, "type 'audio'; accepted: text, image, video"),
-    ([{"role": "user", "content": [{"type": "text", "text": 5}]}], TypeError, "needs a string 'text'"),
-    ([{"role": "user", "content": 5}], TypeError, "expected a string or a list of parts"),
-    ([{"content": "hi"}], TypeError, "expected a dict with 'role' and 'content'"),
-    ([], TypeError, "non-empty list"),
-])
+@pytest.mark.parametrize(
+    "messages, error, message",
+    [
+        ([{"role": "robot", "content": "hi"}], ValueError, "role 'robot'; accepted: system, user, assistant, tool"),
+        ([{"role": "user", "content": [{"type": "audio"}]}], ValueError, "type 'audio'; accepted: text, image, video"),
+        ([{"role": "user", "content": [{"type": "text", "text": 5}]}], TypeError, "needs a string 'text'"),
+        ([{"role": "user", "content": 5}], TypeError, "expected a string or a list of parts"),
+        ([{"content": "hi"}], TypeError, "expected a dict with 'role' and 'content'"),
+        ([], TypeError, "non-empty list"),
+    ],
+)
 def test_check_messages_rejects(messages, error, message):
     with pytest.raises(error, match=message):
         chat.check_messages(messages)
@@ -126,8 +144,13 @@ def test_token_chips_and_pieces(processor):
     html = chat.token_chips_html(ids, processor.tokenizer, mask)
     assert f"×{ids.count(chat.IMAGE_PAD)}" in html and "151655" in html and "carries loss" in html
     assert chat.token_pieces([198, 220], processor.tokenizer) == ["↵", "␣"]
-    assert [chat.token_kind(i, pad_id=151643) for i in (15, 151644, 151655, 151656, 151643)] == \
-        ["text", "special", "image", "video", "pad"]
+    assert [chat.token_kind(i, pad_id=151643) for i in (15, 151644, 151655, 151656, 151643)] == [
+        "text",
+        "special",
+        "image",
+        "video",
+        "pad",
+    ]
 
 
 def test_conversation_view_and_registry():
@@ -150,9 +173,29 @@ def test_loss_mask_figure_rows():
 
 
 # Answers whose first characters can merge with the header's newline, and special characters.
-EDGE_ANSWERS = ["\n\nHello", "\nHello", "\n", "\n\n\n", " Hello", "  Hello", "\tHello", "\r\nHello",
-                " \nHello", "\n \nHello", "\t\n\tx", "```json\n[]\n```", "<box>(1,2)</box>", "😀 smile",
-                "é", "'s fine", "42", "-", "Hello\n", "", " "]
+EDGE_ANSWERS = [
+    "\n\nHello",
+    "\nHello",
+    "\n",
+    "\n\n\n",
+    " Hello",
+    "  Hello",
+    "\tHello",
+    "\r\nHello",
+    " \nHello",
+    "\n \nHello",
+    "\t\n\tx",
+    "```json\n[]\n```",
+    "<box>(1,2)</box>",
+    "😀 smile",
+    "é",
+    "'s fine",
+    "42",
+    "-",
+    "Hello\n",
+    "",
+    " ",
+]
 
 
 def _offset_mask(text, tokenizer):
@@ -172,8 +215,12 @@ def _offset_mask(text, tokenizer):
 
 @pytest.mark.parametrize("answer", EDGE_ANSWERS, ids=repr)
 def test_mask_equals_character_offsets(processor, answer):
-    messages = [{"role": "user", "content": "Say it."}, {"role": "assistant", "content": answer},
-                {"role": "user", "content": "Again."}, {"role": "assistant", "content": answer}]
+    messages = [
+        {"role": "user", "content": "Say it."},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "Again."},
+        {"role": "assistant", "content": answer},
+    ]
     text = processor.apply_chat_template(messages, tokenize=False)
     ids, reference = _offset_mask(text, processor.tokenizer)
     mask = assistant_loss_mask(ids)
@@ -192,8 +239,9 @@ def test_answer_starting_with_newline_carries_loss(processor):
 
 def test_ordinary_answers_keep_exactly_answer_and_im_end(processor):
     for answer in ("Hello", "A white-topped naval officer's cap.", chat.example_answer()):
-        text = processor.apply_chat_template([{"role": "user", "content": "Q"}, {"role": "assistant", "content": answer}],
-                                             tokenize=False)
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": "Q"}, {"role": "assistant", "content": answer}], tokenize=False
+        )
         ids = processor.tokenizer(text)["input_ids"]
         start = len(ids) - ids[::-1].index(chat.ASSISTANT_HEADER[0]) + 2  # after <|im_start|>assistant\n
         assert ids[start - 1] == 198

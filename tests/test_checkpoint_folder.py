@@ -44,8 +44,13 @@ def test_recorded_template_is_the_published_one():
 
 def test_folder_holds_the_files_of_a_real_folder(folder):
     assert sorted(p.name for p in folder.iterdir()) == [
-        "chat_template.json", "merges.txt", "preprocessor_config.json", "tokenizer.json",
-        "tokenizer_config.json", "vocab.json"]  # no video processor file, as in the real folder
+        "chat_template.json",
+        "merges.txt",
+        "preprocessor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+    ]  # no video processor file, as in the real folder
     config = json.loads((folder / "tokenizer_config.json").read_text())
     assert sum(t["special"] for t in config["added_tokens_decoder"].values()) == 14
     assert len(config["added_tokens_decoder"]) == 22 and len(config["additional_special_tokens"]) == 13
@@ -53,9 +58,12 @@ def test_folder_holds_the_files_of_a_real_folder(folder):
 
 def test_classes(real, course):
     for processor in (real, course):
-        assert [type(processor).__name__, type(processor.tokenizer).__name__, type(processor.image_processor).__name__,
-                type(processor.video_processor).__name__] == ["Qwen2_5_VLProcessor", "Qwen2Tokenizer",
-                                                              "Qwen2VLImageProcessor", "Qwen2VLVideoProcessor"]
+        assert [
+            type(processor).__name__,
+            type(processor.tokenizer).__name__,
+            type(processor.image_processor).__name__,
+            type(processor.video_processor).__name__,
+        ] == ["Qwen2_5_VLProcessor", "Qwen2Tokenizer", "Qwen2VLImageProcessor", "Qwen2VLVideoProcessor"]
 
 
 def test_tokenizer_ids_and_flags(real, course):
@@ -65,7 +73,11 @@ def test_tokenizer_ids_and_flags(real, course):
         assert {t.content: (i, t.special) for i, t in tokenizer.added_tokens_decoder.items()} == wanted
         assert len(tokenizer) == 151665
         assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token, tokenizer.unk_token) == (
-            "<|im_end|>", "<|endoftext|>", None, None)
+            "<|im_end|>",
+            "<|endoftext|>",
+            None,
+            None,
+        )
     assert sorted(real.tokenizer.all_special_ids) == sorted(course.tokenizer.all_special_ids)
     assert len(set(course.tokenizer.all_special_ids)) == 14
     text = "<|im_start|>user\nHi 123 <tool_call>x</tool_call><|fim_prefix|>é<|im_end|>\n"
@@ -81,15 +93,33 @@ def test_skip_special_tokens_keeps_tool_call_tags(real, course):
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi"}],
-    [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
-     {"role": "user", "content": [{"type": "image", "image": "a.jpg"}, {"type": "text", "text": "What is it?"}]}],
-    [{"role": "user", "content": [{"type": "video", "video": "v.mp4"}, {"type": "image", "image": "a.jpg"},
-                                  {"type": "text", "text": "Same?"}]},
-     {"role": "assistant", "content": [{"type": "text", "text": TOOL_ANSWER}]},
-     {"role": "tool", "content": [{"type": "text", "text": '{"ok": true}'}]},
-     {"role": "assistant", "content": "Done."}],
-    [{"role": "user", "content": [{"type": "image", "image": "a.jpg"}, {"type": "image", "image": "b.jpg"},
-                                  {"type": "text", "text": "Compare."}]}],
+    [
+        {"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+        {"role": "user", "content": [{"type": "image", "image": "a.jpg"}, {"type": "text", "text": "What is it?"}]},
+    ],
+    [
+        {
+            "role": "user",
+            "content": [
+                {"type": "video", "video": "v.mp4"},
+                {"type": "image", "image": "a.jpg"},
+                {"type": "text", "text": "Same?"},
+            ],
+        },
+        {"role": "assistant", "content": [{"type": "text", "text": TOOL_ANSWER}]},
+        {"role": "tool", "content": [{"type": "text", "text": '{"ok": true}'}]},
+        {"role": "assistant", "content": "Done."},
+    ],
+    [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": "a.jpg"},
+                {"type": "image", "image": "b.jpg"},
+                {"type": "text", "text": "Compare."},
+            ],
+        }
+    ],
 ]
 
 
@@ -99,7 +129,9 @@ def test_templates_render_the_same(real, course, messages, kwargs):
     assert real.chat_template == real.tokenizer.chat_template == kit.QWEN25VL_CHAT_TEMPLATE
     assert course.chat_template == course.tokenizer.chat_template == kit.CHAT_TEMPLATE
     rendered = {processor.apply_chat_template(messages, tokenize=False, **kwargs) for processor in (real, course)}
-    rendered |= {processor.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs) for processor in (real, course)}
+    rendered |= {
+        processor.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs) for processor in (real, course)
+    }
     assert len(rendered) == 1
 
 
@@ -127,18 +159,43 @@ def _image_and_video_inputs(processor, frames, size):
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "Same?"}]}]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     video = np.random.default_rng(2).integers(0, 256, (frames, *size, 3), dtype=np.uint8)
-    return processor(text=[text], images=[image], videos=[video], video_metadata=[{"fps": 2.0, "total_num_frames": frames}],
-                     do_sample_frames=False, cap_pixels_per_frame=True, return_tensors="pt")
+    return processor(
+        text=[text],
+        images=[image],
+        videos=[video],
+        video_metadata=[{"fps": 2.0, "total_num_frames": frames}],
+        do_sample_frames=False,
+        cap_pixels_per_frame=True,
+        return_tensors="pt",
+    )
 
 
-@pytest.mark.parametrize("limits", [{}, {"min_pixels": 256 * 28 * 28, "max_pixels": 1280 * 28 * 28},
-                                    {"video_min_pixels": 16 * 28 * 28, "video_max_pixels": 64 * 28 * 28}], ids=str)
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {},
+        {"min_pixels": 256 * 28 * 28, "max_pixels": 1280 * 28 * 28},
+        {"video_min_pixels": 16 * 28 * 28, "video_max_pixels": 64 * 28 * 28},
+    ],
+    ids=str,
+)
 def test_same_outputs_on_an_image_and_a_video(folder, limits):
     real, course = qwen.load_processor(folder, **limits), qwen.load_processor(**limits)
     outputs = [_image_and_video_inputs(processor, 8, (224, 224)) for processor in (real, course)]
-    assert set(outputs[0]) == set(outputs[1]) == {"input_ids", "attention_mask", "mm_token_type_ids", "pixel_values",
-                                                  "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-                                                  "second_per_grid_ts"}
+    assert (
+        set(outputs[0])
+        == set(outputs[1])
+        == {
+            "input_ids",
+            "attention_mask",
+            "mm_token_type_ids",
+            "pixel_values",
+            "image_grid_thw",
+            "pixel_values_videos",
+            "video_grid_thw",
+            "second_per_grid_ts",
+        }
+    )
     for key in outputs[0]:
         assert torch.equal(torch.as_tensor(outputs[0][key]), torch.as_tensor(outputs[1][key])), key
     size = real.video_processor.size

@@ -70,11 +70,11 @@ def test_grounding_box_covers_the_shape_pixels():
         x1, y1, x2, y2 = s.target
         colour = np.array(COLOURS[s.question.rstrip("?").split()[-2]])
         pixels = np.asarray(s.image).astype(int)
-        hit = np.argwhere((np.abs(pixels - colour).sum(-1) == 0))
+        hit = np.argwhere(np.abs(pixels - colour).sum(-1) == 0)
         inside = hit[(hit[:, 1] >= x1) & (hit[:, 1] < x2) & (hit[:, 0] >= y1) & (hit[:, 0] < y2)]
         assert len(inside) > 0.2 * (x2 - x1) * (y2 - y1)
         assert inside[:, 1].min() - x1 <= 1 and x2 - 1 - inside[:, 1].max() <= 1  # box is tight in x
-        assert inside[:, 0].max() - (y2 - 1) >= -1                                 # and at the bottom
+        assert inside[:, 0].max() - (y2 - 1) >= -1  # and at the bottom
 
 
 def test_ood_asks_only_held_out_pairs_with_the_training_answers():
@@ -107,7 +107,10 @@ def test_position_cue_tints_the_background_by_x_and_y():
     tinted = np.asarray(data.draw_shapes(112, [], position_cue=1.0)).astype(int)
     assert (plain == data.BACKGROUND).all()
     assert tinted[0, 0].tolist() == list(data.BACKGROUND)
-    assert tinted[0, -1, 0] == data.BACKGROUND[0] - data.CUE_LEVELS and tinted[-1, 0, 2] == data.BACKGROUND[2] - data.CUE_LEVELS
+    assert (
+        tinted[0, -1, 0] == data.BACKGROUND[0] - data.CUE_LEVELS
+        and tinted[-1, 0, 2] == data.BACKGROUND[2] - data.CUE_LEVELS
+    )
     assert (np.diff(tinted[0, :, 0]) <= 0).all() and (tinted[:, 0, 0] == tinted[0, 0, 0]).all()
 
 
@@ -120,21 +123,24 @@ def test_answer_texts_and_messages():
         assert len(sample_messages(s, with_answer=False)) == 1
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(n=0), r"n=0: expected an integer ≥ 1"),
-    (dict(split="dev"), r"split='dev'"),
-    (dict(colours=("red", "teal")), r"unknown \['teal'\]"),
-    (dict(colours=("red",)), r"at least 2"),
-    (dict(count_range=(0, 3)), r"count_range=\(0, 3\): expected 1 ≤ low ≤ high ≤ 16"),
-    (dict(count_range=(1, 17)), r"≤ 16 \(a 112-px image has 16 cells of 28 px\)"),
-    (dict(image_size=100), r"image_size=100: expected a multiple of 28"),
-    (dict(tasks=("caption",)), r"subset of"),
-    (dict(max_distractors=14), r"max_distractors=14: expected 0 ≤ d ≤ 13"),
-    (dict(shape_size=(22, 20)), r"shape_size=\(22, 20\): expected integers 8 ≤ low ≤ high ≤ 26"),
-    (dict(shape_size=(0.3, 0.4)), r"shape_size"),
-    (dict(position_cue=2), r"position_cue=2: expected a number in \[0, 1\]"),
-    (dict(seed=-1), r"seed=-1: expected an integer ≥ 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(n=0), r"n=0: expected an integer ≥ 1"),
+        (dict(split="dev"), r"split='dev'"),
+        (dict(colours=("red", "teal")), r"unknown \['teal'\]"),
+        (dict(colours=("red",)), r"at least 2"),
+        (dict(count_range=(0, 3)), r"count_range=\(0, 3\): expected 1 ≤ low ≤ high ≤ 16"),
+        (dict(count_range=(1, 17)), r"≤ 16 \(a 112-px image has 16 cells of 28 px\)"),
+        (dict(image_size=100), r"image_size=100: expected a multiple of 28"),
+        (dict(tasks=("caption",)), r"subset of"),
+        (dict(max_distractors=14), r"max_distractors=14: expected 0 ≤ d ≤ 13"),
+        (dict(shape_size=(22, 20)), r"shape_size=\(22, 20\): expected integers 8 ≤ low ≤ high ≤ 26"),
+        (dict(shape_size=(0.3, 0.4)), r"shape_size"),
+        (dict(position_cue=2), r"position_cue=2: expected a number in \[0, 1\]"),
+        (dict(seed=-1), r"seed=-1: expected an integer ≥ 0"),
+    ],
+)
 def test_bad_settings_raise(kwargs, match):
     args = {"split": "train", "n": 4, **kwargs}
     with pytest.raises(ValueError, match=match):

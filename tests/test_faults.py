@@ -19,15 +19,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import cache, checkpoints, optim, qwen, video
-from helpers import tokenizer
+from helpers import cache, checkpoints, optim, qwen, tokenizer, video
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def small_config(text_hidden=32):
-    return qwen.course_config(text_hidden=text_hidden, text_layers=1, text_mlp=64, vision_hidden=16, vision_depth=2,
-                              vision_mlp=32, fullatt_block_indexes=(1,))
+    return qwen.course_config(
+        text_hidden=text_hidden,
+        text_layers=1,
+        text_mlp=64,
+        vision_hidden=16,
+        vision_depth=2,
+        vision_mlp=32,
+        fullatt_block_indexes=(1,),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +57,12 @@ def fresh_cache(built, tmp_path, monkeypatch):
 
 
 def same_tokenizer(a, b) -> bool:
-    return (a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str() and a.chat_template == b.chat_template
-            and {i: (t.content, t.special) for i, t in a.added_tokens_decoder.items()}
-            == {i: (t.content, t.special) for i, t in b.added_tokens_decoder.items()})
+    return (
+        a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str()
+        and a.chat_template == b.chat_template
+        and {i: (t.content, t.special) for i, t in a.added_tokens_decoder.items()}
+        == {i: (t.content, t.special) for i, t in b.added_tokens_decoder.items()}
+    )
 
 
 # --- the tokenizer cache ------------------------------------------------------------------------
@@ -85,14 +94,17 @@ def truncate(path: Path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
 
 
-@pytest.mark.parametrize("fault, file, says", [
-    (corrupt, "tokenizer.json", "tokenizer.json does not match its SHA-256"),
-    (truncate, "tokenizer.json", "tokenizer.json has .* bytes, the manifest says"),
-    (lambda p: p.write_bytes(b""), "tokenizer_config.json", "tokenizer_config.json has 0 bytes"),
-    (lambda p: p.unlink(), "chat_template.jinja", "chat_template.jinja is missing"),
-    (truncate, "manifest.json", "manifest.json is missing or unreadable"),
-    (lambda p: p.unlink(), "manifest.json", "manifest.json is missing or unreadable"),
-])
+@pytest.mark.parametrize(
+    "fault, file, says",
+    [
+        (corrupt, "tokenizer.json", "tokenizer.json does not match its SHA-256"),
+        (truncate, "tokenizer.json", "tokenizer.json has .* bytes, the manifest says"),
+        (lambda p: p.write_bytes(b""), "tokenizer_config.json", "tokenizer_config.json has 0 bytes"),
+        (lambda p: p.unlink(), "chat_template.jinja", "chat_template.jinja is missing"),
+        (truncate, "manifest.json", "manifest.json is missing or unreadable"),
+        (lambda p: p.unlink(), "manifest.json", "manifest.json is missing or unreadable"),
+    ],
+)
 def test_a_damaged_cache_is_rebuilt_with_one_line_naming_the_file(fresh_cache, caplog, fault, file, says):
     folder, reference = fresh_cache
     fault(folder / file)
@@ -172,8 +184,12 @@ BUILD = textwrap.dedent("""
 
 def test_two_processes_building_the_cache_at_once_both_succeed(tmp_path, built):
     env = {**os.environ, "QWENVL_CACHE": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    runs = [subprocess.Popen([sys.executable, "-c", BUILD], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", BUILD], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outputs = [run.communicate(timeout=300) for run in runs]
     assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
     assert outputs[0][0] == outputs[1][0] and json.loads(outputs[0][0])[2] == tokenizer.SPECIAL_TOKENS["<|im_start|>"]
@@ -233,8 +249,13 @@ def test_a_save_killed_after_the_weights_leaves_the_old_checkpoint_whole(tmp_pat
     old = qwen.load_model(config=small_config(), seed=1)
     checkpoints.save_checkpoint(target, old, small_processor, {"step": 1})
     env = {**os.environ, "QWENVL_CACHE": str(built[0]), "PYTHONPATH": str(ROOT)}
-    run = subprocess.Popen([sys.executable, "-c", SAVE_AND_HANG, str(target), str(ready)], env=env, cwd=ROOT,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    run = subprocess.Popen(
+        [sys.executable, "-c", SAVE_AND_HANG, str(target), str(ready)],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 240
     while not ready.exists() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -52,7 +52,9 @@ def test_step_by_step_logits_equal_model(model, wandering, processor, case, whic
         expected = net(**inputs).logits
     got = forward_step_by_step(net, **inputs).logits
     scale = float(expected.abs().max())  # float32 rounding grows with the values (the course model's logits reach ~20)
-    torch.testing.assert_close(got, expected, rtol=0, atol=2e-6 * max(scale, 1.0))  # ~16 float32 ulps of the largest logit
+    torch.testing.assert_close(
+        got, expected, rtol=0, atol=2e-6 * max(scale, 1.0)
+    )  # ~16 float32 ulps of the largest logit
 
 
 @pytest.mark.parametrize("case", ["text only", "one image", "video"])
@@ -61,8 +63,10 @@ def test_greedy_loop_equals_generate(model, wandering, processor, case, which):
     net = model if which == "course" else wandering
     inputs = example_inputs(processor, case)
     with torch.no_grad():
-        out = net.generate(**inputs, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    expected = out.sequences[:, inputs["input_ids"].shape[1]:]
+        out = net.generate(
+            **inputs, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+    expected = out.sequences[:, inputs["input_ids"].shape[1] :]
     tokens, logits = greedy_generate(net, dict(inputs), 6)
     assert torch.equal(tokens, expected)
     torch.testing.assert_close(logits, torch.stack(out.logits, dim=1), rtol=0, atol=1e-5)
@@ -86,7 +90,9 @@ def test_kv_cache_size_matches_formula(model, processor):
 
 def test_scatter_mismatch_is_the_models_error(model, processor):
     inputs = example_inputs(processor, "one image")
-    cut = {k: (v[:, :40] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v) for k, v in inputs.items()}
+    cut = {
+        k: (v[:, :40] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v) for k, v in inputs.items()
+    }
     with pytest.raises(ValueError, match="Image features and image tokens do not match"), torch.no_grad():
         model(**cut)
     with pytest.raises(ValueError, match="feature rows"):
@@ -98,7 +104,7 @@ def test_scatter_mismatch_is_the_models_error(model, processor):
 def test_truncate_safely(processor):
     ids = example_inputs(processor, "one image")["input_ids"]
     length = ids.shape[1]
-    assert torch.equal(truncate_safely(ids, length - 3), ids[:, :length - 3])
+    assert torch.equal(truncate_safely(ids, length - 3), ids[:, : length - 3])
     with pytest.raises(ValueError, match="keep max_length ≥"):
         truncate_safely(ids, 40)
     with pytest.raises(ValueError, match="expected ≥ 1"):
@@ -106,9 +112,14 @@ def test_truncate_safely(processor):
 
 
 def test_left_padding_matches_one_by_one_and_right_does_not(wandering, processor):
-    texts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
-                                           add_generation_prompt=True, tokenize=False)
-             for q in ["Hi", "What is in this picture, in one long sentence?"]]
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for q in ["Hi", "What is in this picture, in one long sentence?"]
+    ]
     images = [gradient_image(112, 112, 0), gradient_image(112, 168, 2)]
     alone = [generate_batch(wandering, processor, [t], [i], "left", 4)[0] for t, i in zip(texts, images)]
     assert generate_batch(wandering, processor, texts, images, "left", 4) == alone
@@ -126,7 +137,7 @@ def test_3b_budget(meta_3b):
     assert kv_cache_bytes_per_token(qwen25vl_3b_config().text_config) == 2 * 36 * 2 * 128 * 2
     h, w = hf_resize(1092, 1568, factor=28, min_pixels=256 * 784, max_pixels=1280 * 784)
     assert visual_tokens(1092, 1568, min_pixels=256 * 784, max_pixels=1280 * 784) == h * w // 784
-    assert image_memory(qwen25vl_3b_config(), 100)["vision_scores_eager"] == 16 * 400 ** 2 * 2
+    assert image_memory(qwen25vl_3b_config(), 100)["vision_scores_eager"] == 16 * 400**2 * 2
 
 
 def test_budget_widget():

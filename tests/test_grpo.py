@@ -61,12 +61,20 @@ def test_group_advantages_match_trl_on_a_sweep(G):
         torch.testing.assert_close(ours, trl_advantages(rewards, G), rtol=1e-6, atol=1e-6)
         if trial % 5 == 0:
             assert torch.equal(ours[:G], torch.zeros(G))  # equal rewards → no signal (trap #16)
-    torch.testing.assert_close(grpo.group_advantages(rewards, G, scale="none"),
-                               rewards - rewards.view(-1, G).mean(1).repeat_interleave(G))
+    torch.testing.assert_close(
+        grpo.group_advantages(rewards, G, scale="none"), rewards - rewards.view(-1, G).mean(1).repeat_interleave(G)
+    )
 
 
-@pytest.mark.parametrize("rewards, G, scale", [(torch.ones(7), 2, "group"), (torch.ones(2, 4), 4, "group"),
-                                               (torch.ones(4), 0, "group"), (torch.ones(4), 2, "batch")])
+@pytest.mark.parametrize(
+    "rewards, G, scale",
+    [
+        (torch.ones(7), 2, "group"),
+        (torch.ones(2, 4), 4, "group"),
+        (torch.ones(4), 0, "group"),
+        (torch.ones(4), 2, "batch"),
+    ],
+)
 def test_group_advantages_reject_bad_input(rewards, G, scale):
     with pytest.raises(ValueError, match="num_generations|scale="):
         grpo.group_advantages(rewards, G, scale)
@@ -117,8 +125,12 @@ def test_loss_at_ratio_one_is_minus_mean_advantage_and_checks_arguments(setup):
 
 
 CASES = [  # loss type, beta, epsilon, epsilon_high, KL × ratio (TRL's use_bias_correction_kl)
-    ("grpo", 0.04, 0.2, None, True), ("grpo", 0.04, 0.2, None, False), ("grpo", 0.0, 0.2, None, True),
-    ("bnpo", 0.04, 0.2, 0.28, True), ("dr_grpo", 0.1, 0.1, None, False), ("dapo", 0.04, 0.2, 0.28, True),
+    ("grpo", 0.04, 0.2, None, True),
+    ("grpo", 0.04, 0.2, None, False),
+    ("grpo", 0.0, 0.2, None, True),
+    ("bnpo", 0.04, 0.2, 0.28, True),
+    ("dr_grpo", 0.1, 0.1, None, False),
+    ("dapo", 0.04, 0.2, 0.28, True),
 ]
 
 
@@ -132,7 +144,9 @@ def test_our_loss_equals_trl_grpo_trainer_compute_loss(setup, tmp_path, mode):
     """
     ro, processor = setup["rollout"], setup["processor"]
     dtype, tolerance = (torch.float64, 1e-12) if mode == "maths" else (torch.float32, 1e-5)
-    cfg = grpo.GRPOSettings.from_profile("cpu", prompts_per_step=3, num_generations=2, max_new_tokens=ro.completion_ids.size(1))
+    cfg = grpo.GRPOSettings.from_profile(
+        "cpu", prompts_per_step=3, num_generations=2, max_new_tokens=ro.completion_ids.size(1)
+    )
     ours = load_model(setup["folder"], dtype=dtype)
     reference = load_model(seed=1, dtype=dtype)  # another model, so the KL is not zero
     generator = torch.Generator().manual_seed(0)
@@ -142,17 +156,35 @@ def test_our_loss_equals_trl_grpo_trainer_compute_loss(setup, tmp_path, mode):
     old = current + 0.3 * torch.randn(current.shape, generator=generator, dtype=dtype)  # ratios off 1: clipping acts
     advantages = torch.randn(len(current), generator=generator, dtype=dtype)
     for i, (loss_type, beta, eps, eps_high, correction) in enumerate(CASES):
-        settings = cfg.replace(loss_type=loss_type, beta=beta, epsilon=eps, epsilon_high=eps_high,
-                               kl_ratio_correction=correction)
-        trainer = grpo_trl.trl_trainer(setup["folder"], processor, setup["samples"], settings, tmp_path / str(i), dtype=dtype)
+        settings = cfg.replace(
+            loss_type=loss_type, beta=beta, epsilon=eps, epsilon_high=eps_high, kl_ratio_correction=correction
+        )
+        trainer = grpo_trl.trl_trainer(
+            setup["folder"], processor, setup["samples"], settings, tmp_path / str(i), dtype=dtype
+        )
         logps = rollouts.per_token_logps(ours, ro)
         if mode == "maths":
             shared = logps.detach().requires_grad_(True)
-            trainer._get_per_token_logps_and_entropies = lambda *a, **k: (shared, torch.zeros_like(shared), None)
+            trainer._get_per_token_logps_and_entropies = lambda *a, shared=shared, **k: (
+                shared,
+                torch.zeros_like(shared),
+                None,
+            )
             logps = shared
         theirs = grpo_trl.trl_loss(trainer, ro, advantages, old, ref if beta else None)
-        mine, stats = grpo.grpo_loss(logps, old, ref, advantages, ro.completion_mask, beta, eps, eps_high, loss_type,
-                                     ro.completion_ids.size(1), correction)
+        mine, stats = grpo.grpo_loss(
+            logps,
+            old,
+            ref,
+            advantages,
+            ro.completion_mask,
+            beta,
+            eps,
+            eps_high,
+            loss_type,
+            ro.completion_ids.size(1),
+            correction,
+        )
         torch.testing.assert_close(mine, theirs.to(dtype), rtol=0, atol=tolerance)
         assert stats["clip_low"] + stats["clip_high"] > 0  # the batch really exercises clipping
         if mode == "maths":
@@ -175,7 +207,7 @@ def test_per_token_logps_match_full_forward(setup):
         ours = rollouts.per_token_logps(model, ro, temperature=0.7)
         logits = model(**ro.forward_inputs()).logits  # (N, Lp + K, V)
         k = ro.completion_ids.size(1)
-        full = (logits[:, -k - 1:-1] / 0.7).log_softmax(-1).gather(2, ro.completion_ids.unsqueeze(-1)).squeeze(-1)
+        full = (logits[:, -k - 1 : -1] / 0.7).log_softmax(-1).gather(2, ro.completion_ids.unsqueeze(-1)).squeeze(-1)
     keep = ro.completion_mask.bool()
     torch.testing.assert_close(ours[keep], full[keep], rtol=1e-5, atol=1e-5)  # the LM head ran only there
     assert (ours[~keep] == 0).all()
@@ -199,15 +231,26 @@ def test_sample_completions_shapes_groups_and_determinism(setup):
 
 def test_train_logs_every_step_and_widget_reads_the_rollouts(setup):
     model = load_model(setup["folder"])
-    cfg = grpo.GRPOSettings.from_profile("cpu", steps=2, prompts_per_step=2, num_generations=2, max_new_tokens=4, beta=0.04)
+    cfg = grpo.GRPOSettings.from_profile(
+        "cpu", steps=2, prompts_per_step=2, num_generations=2, max_new_tokens=4, beta=0.04
+    )
     store = []
-    history = grpo.train(model, setup["processor"], setup["samples"], cfg, seed=0, progress=False,
-                         on_step=lambda *a: grpo_plots.record_rollout(*a, store=store))
+    history = grpo.train(
+        model,
+        setup["processor"],
+        setup["samples"],
+        cfg,
+        seed=0,
+        progress=False,
+        on_step=lambda *a: grpo_plots.record_rollout(*a, store=store),
+    )
     assert [h["step"] for h in history] == [0, 1] and len(store) == 2
     for key in ("reward", "accuracy", "iou", "kl", "completion_length", "loss", "step_seconds", "rollout_tokens_per_s"):
         assert key in history[0]
     assert history[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step: policy = reference
-    assert cfg.freeze_embeddings and torch.equal(model.get_input_embeddings().weight, setup["model"].get_input_embeddings().weight)
+    assert cfg.freeze_embeddings and torch.equal(
+        model.get_input_embeddings().weight, setup["model"].get_input_embeddings().weight
+    )
     view = grpo_plots.rollout_view(step=1, prompt=1, store=store)
     assert len(view.data["texts"]) == 2 and "advantage" in view.html
     demo = grpo_plots.rollout_view()  # no training yet: stand-in rollouts, real rewards
@@ -229,21 +272,33 @@ def test_sft_continuation_sees_the_grpo_prompts_at_a_constant_rate(setup):
     run = grpo.sft_continuation(load_model(setup["folder"]), setup["processor"], prompts, cfg, seed=0)
     assert run.history["lr"] == [3e-4, 3e-4] and len(run.history["loss"]) == 2
     schedule = grpo.prompt_schedule(5, 2, 2, seed=0)
-    assert sorted(i for step in schedule for i in step) == sorted(set(i for step in schedule for i in step))  # each once
+    assert sorted(i for step in schedule for i in step) == sorted(
+        set(i for step in schedule for i in step)
+    )  # each once
 
 
 def test_best_of_g_is_at_least_the_mean_reward(setup):
     cfg = grpo.GRPOSettings.from_profile("cpu", num_generations=3, max_new_tokens=4)
     out = rollouts.best_of_g(setup["model"], setup["processor"], setup["samples"], cfg, seed=0)
-    for task, row in out.items():
+    for _task, row in out.items():
         assert 0 <= row["mean"] <= row["best"] <= 1 and 0 <= row["zero_std"] <= 1 and row["n"] >= 1
 
 
 def test_settings_are_typed_and_checked(monkeypatch):
     cfg = grpo.GRPOSettings.from_profile("cpu")
-    assert (cfg.loss_type, cfg.beta, cfg.num_generations, cfg.num_iterations) == ("dapo", 0.0, 8, 1)  # TRL 1.16's defaults
-    for bad, match in ((dict(loss_type="ppo"), "loss_type="), (dict(steps=0), "steps="), (dict(lr=2.0), "lr="),
-                       (dict(tasks=("colour",)), "tasks="), (dict(reward_weights={"length": 1.0}), "unknown rewards")):
+    assert (cfg.loss_type, cfg.beta, cfg.num_generations, cfg.num_iterations) == (
+        "dapo",
+        0.0,
+        8,
+        1,
+    )  # TRL 1.16's defaults
+    for bad, match in (
+        (dict(loss_type="ppo"), "loss_type="),
+        (dict(steps=0), "steps="),
+        (dict(lr=2.0), "lr="),
+        (dict(tasks=("colour",)), "tasks="),
+        (dict(reward_weights={"length": 1.0}), "unknown rewards"),
+    ):
         with pytest.raises(ValueError, match=match):
             cfg.replace(**bad)
     from helpers import profiles
@@ -258,8 +313,10 @@ def test_experiment_summary_compares_arms_against_the_seed_spread():
     from grpo_experiment import summarise
 
     def run(seed, start, sft, grpo_score):
-        arms = {arm: {"test": {"grounding": {"score": v, "n": 100, "blind": 0.33, "p": 0.5}}}
-                for arm, v in (("start", start), ("sft", sft), ("grpo", grpo_score))}
+        arms = {
+            arm: {"test": {"grounding": {"score": v, "n": 100, "blind": 0.33, "p": 0.5}}}
+            for arm, v in (("start", start), ("sft", sft), ("grpo", grpo_score))
+        }
         return {"seed": seed, "arms": arms}
 
     table = summarise([run(0, 0.2, 0.4, 0.30), run(1, 0.2, 0.45, 0.32), run(2, 0.2, 0.42, 0.31)])["test"]["grounding"]
@@ -270,8 +327,23 @@ def test_experiment_summary_compares_arms_against_the_seed_spread():
 
 def test_cli_runs_under_torchrun_with_two_processes(setup, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "QWENVL_PROFILE": "cpu"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-               "-m", "helpers.grpo", "--out", str(tmp_path / "ddp"), "--sft", str(setup["folder"]), "--steps", "1"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "helpers.grpo",
+        "--out",
+        str(tmp_path / "ddp"),
+        "--sft",
+        str(setup["folder"]),
+        "--steps",
+        "1",
+    ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     saved = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())
@@ -283,6 +355,8 @@ def test_bucketing_by_task_gives_the_same_greedy_answers(setup):
     samples = make_split("train", 6, seed=3, image_size=84)
     assert len({s.task for s in samples}) > 1
     plain = rollouts.sample_completions(model, processor, samples, 1, max_new_tokens=6, greedy=True)
-    bucketed = rollouts.sample_completions(model, processor, samples, 1, max_new_tokens=6, greedy=True, bucket_by_task=True)
+    bucketed = rollouts.sample_completions(
+        model, processor, samples, 1, max_new_tokens=6, greedy=True, bucket_by_task=True
+    )
     assert bucketed.texts == plain.texts
     assert torch.equal(bucketed.completion_mask.sum(1), plain.completion_mask.sum(1))

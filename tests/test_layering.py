@@ -27,4 +27,3 @@ def test_training_entry_points_load_no_widget_layer():
         done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         assert json.loads(done.stdout.strip().splitlines()[-1]) == [], module
-

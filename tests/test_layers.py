@@ -2,8 +2,12 @@
 
 import pytest
 import torch
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (Qwen2_5_VLRMSNorm, apply_rotary_pos_emb,
-                                                                apply_rotary_pos_emb_vision, rotate_half)
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+    Qwen2_5_VLRMSNorm,
+    apply_rotary_pos_emb,
+    apply_rotary_pos_emb_vision,
+    rotate_half,
+)
 
 from helpers.layers import apply_rotary, rms_norm
 from helpers.layers import rotate_half as ours_rotate_half

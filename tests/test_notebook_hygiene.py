@@ -32,6 +32,9 @@ def test_notebook_hygiene(path):
             assert len(text) <= MAX_OUTPUT_BYTES, f"cell {number} has an output of {len(text)} bytes"
             if output.output_type == "stream":
                 assert output.name != "stderr" or not re.search(r"Traceback|Error", output.text), (
-                    f"cell {number} printed an error to stderr: {output.text[:200]}")
+                    f"cell {number} printed an error to stderr: {output.text[:200]}"
+                )
             found = MACHINE_PATH.search(text)
-            assert not found, f"cell {number} shows a machine path: …{text[max(0, found.start() - 60):found.end() + 60]}…"
+            assert not found, (
+                f"cell {number} shows a machine path: …{text[max(0, found.start() - 60) : found.end() + 60]}…"
+            )

@@ -26,8 +26,13 @@ def demo(tmp_path_factory):
 
 def _row(question, answer, images=("images/train_0000.png",), placeholders=1):
     content = [{"type": "image"}] * placeholders + [{"type": "text", "text": question}]
-    return {"messages": [{"role": "user", "content": content},
-                         {"role": "assistant", "content": [{"type": "text", "text": answer}]}], "images": list(images)}
+    return {
+        "messages": [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ],
+        "images": list(images),
+    }
 
 
 def test_demo_dataset_is_written_as_a_reader_would_write_it(demo, tmp_path):
@@ -70,20 +75,39 @@ def test_token_counts_equal_the_processor(demo, processor, tmp_path):
 
 
 def test_qwen_vl_finetune_and_sharegpt_rows_convert_to_the_messages_layout(processor):
-    qwen = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat colour is it?"},
-                                                {"from": "gpt", "value": "red"}]}
-    sharegpt = {"messages": [{"role": "user", "content": "<image>What colour is it?"},
-                             {"role": "assistant", "content": "red"}], "images": ["a.png"]}
+    qwen = {
+        "image": "a.png",
+        "conversations": [{"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "red"}],
+    }
+    sharegpt = {
+        "messages": [{"role": "user", "content": "<image>What colour is it?"}, {"role": "assistant", "content": "red"}],
+        "images": ["a.png"],
+    }
     want = _row("What colour is it?", "red", images=["a.png"])
     assert own_data.from_qwen_vl_finetune(qwen) == want
     assert own_data.to_messages_layout(qwen) == want == own_data.to_messages_layout(sharegpt)
-    unified = {"messages": [{"role": "user", "content": [{"type": "image", "text": None},
-                                                         {"type": "text", "text": "What colour is it?"}]},
-                            {"role": "assistant", "content": [{"type": "text", "text": "red"}]}], "images": "a.png"}
+    unified = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image", "text": None}, {"type": "text", "text": "What colour is it?"}],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+        ],
+        "images": "a.png",
+    }
     assert own_data.to_messages_layout(unified) == want  # datasets' null keys dropped, one path listed
-    two = own_data.from_qwen_vl_finetune({"image": ["a.png", "b.png"], "conversations": [
-        {"from": "human", "value": "<image><image>Same?"}, {"from": "gpt", "value": "no"}]})
-    assert two["images"] == ["a.png", "b.png"] and [p["type"] for p in two["messages"][0]["content"]] == ["image", "image", "text"]
+    two = own_data.from_qwen_vl_finetune(
+        {
+            "image": ["a.png", "b.png"],
+            "conversations": [{"from": "human", "value": "<image><image>Same?"}, {"from": "gpt", "value": "no"}],
+        }
+    )
+    assert two["images"] == ["a.png", "b.png"] and [p["type"] for p in two["messages"][0]["content"]] == [
+        "image",
+        "image",
+        "text",
+    ]
     with pytest.raises(ValueError, match="'from'"):
         own_data.from_qwen_vl_finetune({"image": "a.png", "conversations": [{"from": "bot", "value": "x"}]})
     with pytest.raises(ValueError, match="accepted layouts"):
@@ -99,15 +123,15 @@ def _bad_dataset(folder: Path, demo: Path) -> list[dict]:
     w, h = image.width, image.height
     box = lambda b: json.dumps([{"bbox_2d": b, "label": "x"}])  # noqa: E731
     return [
-        _row("Fine?", "yes"),                                                   # 0 good
-        _row("Where?", "here", images=["images/missing.png"]),                  # 1 missing file
-        _row("Where?", "here", images=["images/broken.png"]),                   # 2 unreadable
-        _row("Where?", "here", placeholders=2),                                 # 3 placeholders ≠ images
-        _row("Where?", "   "),                                                  # 4 empty answer
-        _row("Where?", box([w - 10, 5, w + 30, 20])),                           # 5 outside the image
-        _row("Where?", box([0.1, 0.2, 0.5, 0.6])),                              # 6 fractions
-        _row("Where?", box([100, 100, 900, 950])),                              # 7 Qwen2-VL 0–1000
-        _row("Where?", box([2, 2, w - 2, h - 2])),                              # 8 good box
+        _row("Fine?", "yes"),  # 0 good
+        _row("Where?", "here", images=["images/missing.png"]),  # 1 missing file
+        _row("Where?", "here", images=["images/broken.png"]),  # 2 unreadable
+        _row("Where?", "here", placeholders=2),  # 3 placeholders ≠ images
+        _row("Where?", "   "),  # 4 empty answer
+        _row("Where?", box([w - 10, 5, w + 30, 20])),  # 5 outside the image
+        _row("Where?", box([0.1, 0.2, 0.5, 0.6])),  # 6 fractions
+        _row("Where?", box([100, 100, 900, 950])),  # 7 Qwen2-VL 0–1000
+        _row("Where?", box([2, 2, w - 2, h - 2])),  # 8 good box
     ]
 
 
@@ -115,8 +139,15 @@ def test_validator_names_each_bad_row_and_its_problem(demo, processor, tmp_path)
     rows = _bad_dataset(tmp_path / "bad", demo)
     report = own_data.validate(rows, tmp_path / "bad", processor)
     assert report.good == [0, 8]
-    expected = {1: "does not exist", 2: "cannot be read as an image", 3: "2 image placeholder(s) but 1 image",
-                4: "empty answer", 5: "outside the", 6: "fractions", 7: "0–1000"}
+    expected = {
+        1: "does not exist",
+        2: "cannot be read as an image",
+        3: "2 image placeholder(s) but 1 image",
+        4: "empty answer",
+        5: "outside the",
+        6: "fractions",
+        7: "0–1000",
+    }
     for row, words in expected.items():
         lines = [p for p in report.problems if p.startswith(f"train row {row}:")]
         assert len(lines) == 1 and words in lines[0], (row, lines)
@@ -132,10 +163,15 @@ def test_validator_catches_original_pixel_boxes_and_truncation(demo, tmp_path):
     h, w, _ = own_data.image_tokens(image.height, image.width, big)
     report = own_data.validate([row], demo, big)
     assert len(report.problems) == 1 and "train row 0:" in report.problems[0]
-    assert f"fits the original {image.width}×{image.height} pixels" in report.problems[0] and f"({h}, {w})" in report.problems[0]
+    assert (
+        f"fits the original {image.width}×{image.height} pixels" in report.problems[0]
+        and f"({h}, {w})" in report.problems[0]
+    )
     tokens = own_data.validate([_row("Where?", "here")], demo, big).tokens
     cut = own_data.validate([_row("Where?", "here")], demo, big, max_length=tokens[0]["image_end"] - 1)
-    assert len(cut.problems) == 1 and re.search(r"train row 0: .*truncates through the image \(trap 6\)", cut.problems[0])
+    assert len(cut.problems) == 1 and re.search(
+        r"train row 0: .*truncates through the image \(trap 6\)", cut.problems[0]
+    )
     answer = own_data.validate([_row("Where?", "here")], demo, big, max_length=tokens[0]["answer_end"] - 1)
     assert "cuts the answer" in answer.problems[0]
     assert own_data.validate([_row("Where?", "here")], demo, big, max_length=tokens[0]["answer_end"]).problems == []
@@ -188,8 +224,20 @@ def test_command_line_trains_a_tiny_dataset(tmp_path, capsys):
 
     start = checkpoints.save_checkpoint(tmp_path / "start", load_model(), load_processor(), {"step": 0})
     data = own_data.write_demo_dataset(tmp_path / "data", n_train=6, n_test=3)
-    main(["--data", str(data), "--out", str(tmp_path / "out"), "--model", str(start), "--steps", "2",
-          "--metrics", str(tmp_path / "m.json")])
+    main(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "out"),
+            "--model",
+            str(start),
+            "--steps",
+            "2",
+            "--metrics",
+            str(tmp_path / "m.json"),
+        ]
+    )
     printed = capsys.readouterr().out
     assert "rows: {'train': 6, 'test': 3}" in printed and "held-out answer loss" in printed
     assert checkpoints.is_complete(tmp_path / "out")

@@ -34,8 +34,18 @@ def samples():
 
 
 def tiny_model(seed=0):
-    return load_model(config=course_config(text_hidden=64, text_layers=2, text_mlp=128, vision_hidden=32,
-                                           vision_depth=2, vision_mlp=64, fullatt_block_indexes=(1,)), seed=seed)
+    return load_model(
+        config=course_config(
+            text_hidden=64,
+            text_layers=2,
+            text_mlp=128,
+            vision_hidden=32,
+            vision_depth=2,
+            vision_mlp=64,
+            fullatt_block_indexes=(1,),
+        ),
+        seed=seed,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +75,12 @@ def test_positions_are_get_rope_index_per_sequence(model, processor, samples, ba
     text, mrope = packed["position_ids"][0, 0], packed["position_ids"][1:, 0]
     for row, part in enumerate(torch.split(torch.arange(sum(lengths)), lengths)):
         alone = sft.SFTCollator(processor)([samples[row]])
-        expected, _ = model.model.get_rope_index(alone["input_ids"], alone["mm_token_type_ids"],
-                                                 alone["image_grid_thw"], attention_mask=alone["attention_mask"])
+        expected, _ = model.model.get_rope_index(
+            alone["input_ids"],
+            alone["mm_token_type_ids"],
+            alone["image_grid_thw"],
+            attention_mask=alone["attention_mask"],
+        )
         assert torch.equal(mrope[:, part], expected[:, 0])
         assert torch.equal(text[part], torch.arange(len(part)))
     assert packed["cu_seq_lens"].tolist() == [0, *np.cumsum(lengths).tolist()]
@@ -106,8 +120,21 @@ def test_attention_stays_inside_each_sequence(model, batches):
 
 def test_train_with_pack_follows_the_padded_run(processor, samples):
     data = samples * 2
-    runs = [sft.train(tiny_model(), processor, data, steps=3, batch_size=4, lr=1e-3, warmup=1, progress=False,
-                      pack=pack, device="cpu") for pack in (False, True)]
+    runs = [
+        sft.train(
+            tiny_model(),
+            processor,
+            data,
+            steps=3,
+            batch_size=4,
+            lr=1e-3,
+            warmup=1,
+            progress=False,
+            pack=pack,
+            device="cpu",
+        )
+        for pack in (False, True)
+    ]
     np.testing.assert_allclose(runs[1].history["loss"], runs[0].history["loss"], rtol=0, atol=1e-4)
     assert runs[1].history["tokens"] == runs[0].history["tokens"]
     with pytest.raises(ValueError, match="pack=True"):
@@ -170,8 +197,11 @@ def test_segment_attention_equals_per_segment_attention():
     causal = segment_attention.segment_attention(q, k[:, :2], v[:, :2], cu, causal=True)
     for lo, hi in zip(cu[:-1].tolist(), cu[1:].tolist()):
         one = torch.nn.functional.scaled_dot_product_attention(
-            q[lo:hi].transpose(0, 1), k[lo:hi, :2].repeat_interleave(2, 1).transpose(0, 1),
-            v[lo:hi, :2].repeat_interleave(2, 1).transpose(0, 1), is_causal=True)
+            q[lo:hi].transpose(0, 1),
+            k[lo:hi, :2].repeat_interleave(2, 1).transpose(0, 1),
+            v[lo:hi, :2].repeat_interleave(2, 1).transpose(0, 1),
+            is_causal=True,
+        )
         torch.testing.assert_close(causal[lo:hi], one.transpose(0, 1), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="cu_seqlens"):
         segment_attention.segment_attention(q, k, v, torch.tensor([0, 5, 22]))
@@ -203,7 +233,9 @@ def test_text_segment_attention_equals_the_packed_mask(batches):
 
 def test_packed_row_figure_and_interleaved_times(batches):
     _, packed = batches
-    figure = packing.packed_row_figure(packed["position_ids"], packed["seq_lengths"].tolist(), packed["mm_token_type_ids"])
+    figure = packing.packed_row_figure(
+        packed["position_ids"], packed["seq_lengths"].tolist(), packed["mm_token_type_ids"]
+    )
     left, right = figure.axes[:2]
     assert len(left.lines) == 4 + len(packed["seq_lengths"]) - 1  # four rows, one dashed line per seam
     total = int(packed["seq_lengths"].sum())

@@ -60,7 +60,9 @@ def test_normalisation_by_hand(photo, name):
     mean, std = torch.tensor(ip.image_mean)[:, None, None], torch.tensor(ip.image_std)[:, None, None]
     assert pixels.dtype == torch.uint8 and pixels.shape == frames.shape
     assert torch.equal((pixels.float() - mean * 255) / (std * 255), frames)
-    torch.testing.assert_close(((pixels / 255) - mean) / std, frames, rtol=0, atol=4 * torch.finfo(torch.float32).eps * 3)
+    torch.testing.assert_close(
+        ((pixels / 255) - mean) / std, frames, rtol=0, atol=4 * torch.finfo(torch.float32).eps * 3
+    )
 
 
 @pytest.mark.parametrize("nframes", [2, 5, 8])
@@ -115,7 +117,7 @@ def test_merge_blocks_are_consecutive_rows():
         where = hp.token_location(index, grid)
         assert (where["row"], where["col"]) == (r, c) and where["llm_token"] == index // 4
     for token in range(grid_h * grid_w // 4):  # the four rows of one LLM token form one 2×2 block
-        cells = per_row[4 * token:4 * token + 4].long()
+        cells = per_row[4 * token : 4 * token + 4].long()
         assert cells[:, 0].max() - cells[:, 0].min() == 1 and cells[:, 1].max() - cells[:, 1].min() == 1
 
 
@@ -130,33 +132,42 @@ def test_token_view():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape, message", [
-    ((3, 56, 56), r"frames of shape \(3, 56, 56\): expected a 4-D float array \(T, C, H, W\)"),
-    ((1, 3, 50, 56), r"H=50, W=56\): need .* multiples of patch_size·merge_size = 28"),
-    ((1, 3, 56, 14), r"W=14\): need .* multiples of patch_size·merge_size = 28"),
-    ((0, 3, 56, 56), r"T=0"),
-])
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ((3, 56, 56), r"frames of shape \(3, 56, 56\): expected a 4-D float array \(T, C, H, W\)"),
+        ((1, 3, 50, 56), r"H=50, W=56\): need .* multiples of patch_size·merge_size = 28"),
+        ((1, 3, 56, 14), r"W=14\): need .* multiples of patch_size·merge_size = 28"),
+        ((0, 3, 56, 56), r"T=0"),
+    ],
+)
 def test_patchify_rejects_bad_shapes(shape, message):
     with pytest.raises(ValueError, match=message):
         hp.patchify(torch.zeros(shape))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"patch_size": 0}, r"patch_size=0: expected an integer ≥ 1"),
-    ({"temporal_patch_size": -2}, r"temporal_patch_size=-2"),
-    ({"merge_size": 2.0}, r"merge_size=2.0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"patch_size": 0}, r"patch_size=0: expected an integer ≥ 1"),
+        ({"temporal_patch_size": -2}, r"temporal_patch_size=-2"),
+        ({"merge_size": 2.0}, r"merge_size=2.0"),
+    ],
+)
 def test_patchify_rejects_bad_sizes(kwargs, message):
     with pytest.raises(ValueError, match=message):
         hp.patchify(torch.zeros(2, 3, 56, 56), **kwargs)
 
 
-@pytest.mark.parametrize("rows, grid, message", [
-    ((15, 1176), (1, 4, 4), r"flatten_patches of shape \(15, 1176\): expected \(16, C·392\)"),
-    ((16, 1000), (1, 4, 4), r"shape \(16, 1000\)"),
-    ((16, 1176), (1, 4, 3), r"grid_thw=\(1, 4, 3\): need .* multiples of merge_size=2"),
-    ((16, 1176), (0, 4, 4), r"grid_thw=\(0, 4, 4\)"),
-])
+@pytest.mark.parametrize(
+    "rows, grid, message",
+    [
+        ((15, 1176), (1, 4, 4), r"flatten_patches of shape \(15, 1176\): expected \(16, C·392\)"),
+        ((16, 1000), (1, 4, 4), r"shape \(16, 1000\)"),
+        ((16, 1176), (1, 4, 3), r"grid_thw=\(1, 4, 3\): need .* multiples of merge_size=2"),
+        ((16, 1176), (0, 4, 4), r"grid_thw=\(0, 4, 4\)"),
+    ],
+)
 def test_unpatchify_rejects_mismatches(rows, grid, message):
     with pytest.raises(ValueError, match=message):
         hp.unpatchify(torch.zeros(rows), grid)

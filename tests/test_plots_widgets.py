@@ -51,7 +51,16 @@ def test_show_builds_controls_and_refreshes(monkeypatch):
     assert calls == [1, 4] and isinstance(box, ipywidgets.VBox) and frozen == [True]
 
 
-@pytest.mark.parametrize("host, local", [("127.0.0.1", True), ("::1", True), ("localhost", True),
-                                         ("10.0.0.1", False), ("huggingface.co", False), ("8.8.8.8", False)])
+@pytest.mark.parametrize(
+    "host, local",
+    [
+        ("127.0.0.1", True),
+        ("::1", True),
+        ("localhost", True),
+        ("10.0.0.1", False),
+        ("huggingface.co", False),
+        ("8.8.8.8", False),
+    ],
+)
 def test_only_loopback_counts_as_local(host, local):
     assert _is_local(host) is local

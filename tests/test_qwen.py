@@ -42,13 +42,28 @@ def test_default_system_turn_ids(tokenizer):
 
 def test_special_token_table(tokenizer):
     expected = {
-        "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
-        "<|object_ref_start|>": 151646, "<|object_ref_end|>": 151647, "<|box_start|>": 151648,
-        "<|box_end|>": 151649, "<|quad_start|>": 151650, "<|quad_end|>": 151651,
-        "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|vision_pad|>": 151654,
-        "<|image_pad|>": 151655, "<|video_pad|>": 151656, "<tool_call>": 151657, "</tool_call>": 151658,
-        "<|fim_prefix|>": 151659, "<|fim_middle|>": 151660, "<|fim_suffix|>": 151661,
-        "<|fim_pad|>": 151662, "<|repo_name|>": 151663, "<|file_sep|>": 151664,
+        "<|endoftext|>": 151643,
+        "<|im_start|>": 151644,
+        "<|im_end|>": 151645,
+        "<|object_ref_start|>": 151646,
+        "<|object_ref_end|>": 151647,
+        "<|box_start|>": 151648,
+        "<|box_end|>": 151649,
+        "<|quad_start|>": 151650,
+        "<|quad_end|>": 151651,
+        "<|vision_start|>": 151652,
+        "<|vision_end|>": 151653,
+        "<|vision_pad|>": 151654,
+        "<|image_pad|>": 151655,
+        "<|video_pad|>": 151656,
+        "<tool_call>": 151657,
+        "</tool_call>": 151658,
+        "<|fim_prefix|>": 151659,
+        "<|fim_middle|>": 151660,
+        "<|fim_suffix|>": 151661,
+        "<|fim_pad|>": 151662,
+        "<|repo_name|>": 151663,
+        "<|file_sep|>": 151664,
     }
     assert kit.SPECIAL_TOKENS == expected
     for name, token_id in expected.items():
@@ -63,10 +78,16 @@ def test_special_token_table(tokenizer):
 
 
 TEXTS = [
-    "Hello world! How are you?", "  leading spaces and\ttabs\n\nnewlines\r\n", "1234567890 3.14159 -42",
-    "naïve café, Zürich, 北京欢迎你, こんにちは, 안녕하세요, Привет мир", "emoji 🤖🎉 and symbols ∑∫√ ≤ ≥",
-    "I'm sure they'll say it's what we've done; DON'T SHOUT", "def f(x):\n    return x ** 2  # comment\n",
-    '{"bbox_2d": [12, 40, 156, 210], "label": "red circle"}', "a" * 300, " ".join(["word"] * 50),
+    "Hello world! How are you?",
+    "  leading spaces and\ttabs\n\nnewlines\r\n",
+    "1234567890 3.14159 -42",
+    "naïve café, Zürich, 北京欢迎你, こんにちは, 안녕하세요, Привет мир",
+    "emoji 🤖🎉 and symbols ∑∫√ ≤ ≥",
+    "I'm sure they'll say it's what we've done; DON'T SHOUT",
+    "def f(x):\n    return x ** 2  # comment\n",
+    '{"bbox_2d": [12, 40, 156, 210], "label": "red circle"}',
+    "a" * 300,
+    " ".join(["word"] * 50),
     "\u0065\u0301 composed vs \u00e9 precomposed",
 ]
 
@@ -75,7 +96,9 @@ def test_tokenizer_matches_tiktoken_on_the_same_vocabulary(tokenizer):
     """Our converted BPE must tokenize exactly like tiktoken reading the same qwen.tiktoken."""
     ranks = kit.read_tiktoken_ranks(kit.vocabulary_file())
     reference = tiktoken.Encoding(
-        "qwen2.5", pat_str=kit.PRETOKENIZE_PATTERN, mergeable_ranks=ranks,
+        "qwen2.5",
+        pat_str=kit.PRETOKENIZE_PATTERN,
+        mergeable_ranks=ranks,
         special_tokens=dict(kit.SPECIAL_TOKENS),
     )
     rng = np.random.default_rng(0)
@@ -125,16 +148,28 @@ def test_template_system_given(processor):
 
 
 def test_template_one_image(processor):
-    messages = [{"role": "user", "content": [{"type": "image", "image": "a.jpg"}, {"type": "text", "text": "Describe this image."}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": "a.jpg"}, {"type": "text", "text": "Describe this image."}],
+        }
+    ]
     assert render(processor, messages, add_generation_prompt=True) == (
         SYSTEM + "<|im_start|>user\n" + IMAGE_PART + "Describe this image.<|im_end|>\n<|im_start|>assistant\n"
     )
 
 
 def test_template_two_images(processor):
-    messages = [{"role": "user", "content": [
-        {"type": "image", "image": "a.jpg"}, {"type": "image", "image": "b.jpg"},
-        {"type": "text", "text": "Compare."}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": "a.jpg"},
+                {"type": "image", "image": "b.jpg"},
+                {"type": "text", "text": "Compare."},
+            ],
+        }
+    ]
     assert render(processor, messages, add_generation_prompt=False) == (
         SYSTEM + "<|im_start|>user\n" + IMAGE_PART + IMAGE_PART + "Compare.<|im_end|>\n"
     )
@@ -142,7 +177,9 @@ def test_template_two_images(processor):
 
 
 def test_template_video(processor):
-    messages = [{"role": "user", "content": [{"type": "video", "video": "v.mp4"}, {"type": "text", "text": "What happens?"}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "video", "video": "v.mp4"}, {"type": "text", "text": "What happens?"}]}
+    ]
     assert render(processor, messages, add_generation_prompt=True) == (
         SYSTEM + "<|im_start|>user\n" + VIDEO_PART + "What happens?<|im_end|>\n<|im_start|>assistant\n"
     )
@@ -155,17 +192,22 @@ def test_template_multi_turn_with_answers(processor):
         {"role": "user", "content": [{"type": "text", "text": "And red ones?"}]},
         {"role": "assistant", "content": "1"},
     ]
-    expected = (SYSTEM + "<|im_start|>user\n" + IMAGE_PART + "How many?<|im_end|>\n"
-                "<|im_start|>assistant\n3<|im_end|>\n<|im_start|>user\nAnd red ones?<|im_end|>\n"
-                "<|im_start|>assistant\n1<|im_end|>\n")
+    expected = (
+        SYSTEM + "<|im_start|>user\n" + IMAGE_PART + "How many?<|im_end|>\n"
+        "<|im_start|>assistant\n3<|im_end|>\n<|im_start|>user\nAnd red ones?<|im_end|>\n"
+        "<|im_start|>assistant\n1<|im_end|>\n"
+    )
     assert render(processor, messages) == expected
     assert render(processor, messages, add_generation_prompt=True) == expected + "<|im_start|>assistant\n"
 
 
-@pytest.mark.parametrize("messages, message", [
-    ([{"role": "robot", "content": "x"}], "unknown message role robot"),
-    ([{"role": "user", "content": [{"type": "audio", "audio": "x"}]}], "unknown content part type audio"),
-])
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        ([{"role": "robot", "content": "x"}], "unknown message role robot"),
+        ([{"role": "user", "content": [{"type": "audio", "audio": "x"}]}], "unknown content part type audio"),
+    ],
+)
 def test_template_rejects_unknown_roles_and_parts(processor, messages, message):
     with pytest.raises(Exception, match=message):
         render(processor, messages)
@@ -176,7 +218,12 @@ def test_template_rejects_unknown_roles_and_parts(processor, messages, message):
 
 def test_seed_example_1092x1568(processor):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (1092, 1568, 3), dtype=np.uint8))
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe this image."}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe this image."}],
+        }
+    ]
     text = render(processor, messages, add_generation_prompt=True)
     images, videos = process_vision_info(messages)
     inputs = processor(text=[text], images=images, videos=videos, return_tensors="pt")
@@ -206,21 +253,27 @@ def test_course_config_keeps_the_real_geometry():
     assert qwen.qwen25vl_3b_config().text_config.rope_parameters["mrope_section"] == [16, 24, 24]
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"text_hidden": 130}, "must divide"),
-    ({"fullatt_block_indexes": (9,)}, r"must be in \[0, 3\]"),
-    ({"text_heads": 0}, "text_heads=0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"text_hidden": 130}, "must divide"),
+        ({"fullatt_block_indexes": (9,)}, r"must be in \[0, 3\]"),
+        ({"text_heads": 0}, "text_heads=0"),
+    ],
+)
 def test_course_config_rejects_bad_sizes(kwargs, match):
     with pytest.raises(ValueError, match=match):
         qwen.course_config(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"min_pixels": 10}, "min_pixels=10"),
-    ({"min_pixels": 5000, "max_pixels": 4000}, "larger than max_pixels=4000"),
-    ({"video_max_pixels": -1}, "video_max_pixels=-1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"min_pixels": 10}, "min_pixels=10"),
+        ({"min_pixels": 5000, "max_pixels": 4000}, "larger than max_pixels=4000"),
+        ({"video_max_pixels": -1}, "video_max_pixels=-1"),
+    ],
+)
 def test_load_processor_rejects_bad_limits(kwargs, match):
     with pytest.raises(ValueError, match=match):
         qwen.load_processor(**kwargs)
@@ -230,7 +283,9 @@ def test_video_pixel_limits_take_effect():
     frames = np.random.default_rng(0).integers(0, 256, (4, 3, 280, 420), dtype=np.uint8)
     default = qwen.load_processor()
     small = qwen.load_processor(video_min_pixels=28 * 28 * 4, video_max_pixels=28 * 28 * 16)
-    grids = [p.video_processor(videos=[frames], return_tensors="pt")["video_grid_thw"][0].tolist() for p in (default, small)]
+    grids = [
+        p.video_processor(videos=[frames], return_tensors="pt")["video_grid_thw"][0].tolist() for p in (default, small)
+    ]
     assert grids[0] == [2, 20, 30]  # 280×420 fits the default video bounds as it is
     assert grids[1][1] * grids[1][2] <= 4 * 16  # at most 16 visual tokens per temporal patch
 
@@ -267,7 +322,9 @@ def test_save_and_reload_gives_identical_ids_pixels_and_logits(processor, tmp_pa
     reloaded_model = qwen.load_model(tmp_path)
 
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (200, 300, 3), dtype=np.uint8))
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is it?"}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is it?"}]}
+    ]
     batches = []
     for p in (processor, reloaded_processor):
         text = p.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -295,7 +352,10 @@ def test_missing_directory_is_a_clear_error(tmp_path):
 
 
 def test_directory_without_files_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"missing preprocessor_config.json or processor_config.json; tokenizer.json or vocab.json"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"missing preprocessor_config.json or processor_config.json; tokenizer.json or vocab.json",
+    ):
         qwen.load_processor(tmp_path)
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"missing weights"):

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from helpers.rewards import (
-    accuracy_reward, format_reward, iou_reward, parse_answer, score, task_reward,
+    accuracy_reward,
+    format_reward,
+    iou_reward,
+    parse_answer,
+    score,
+    task_reward,
     think_format_reward,
 )
 
@@ -16,18 +21,30 @@ BOX_JSON = json.dumps([{"bbox_2d": BOX, "label": "blue square"}], separators=(",
 # ------------------------------------------------------------------ the taught formats parse
 
 
-@pytest.mark.parametrize("task, text, expected", [
-    ("count", "3", 3), ("count", " 3\n", 3), ("count", "3.", 3), ("count", "0", 0), ("count", "12", 12),
-    ("count", "007", 7),
-    ("attribute", "red", "red"), ("attribute", "Red", "red"), ("attribute", " green.\n", "green"),
-    ("grounding", BOX_JSON, [10.0, 20.0, 110.0, 70.0]),
-    ("grounding", "```json\n" + BOX_JSON + "\n```", [10.0, 20.0, 110.0, 70.0]),
-    ("grounding", "```json\n" + json.dumps([{"bbox_2d": BOX, "label": "x"}], indent=2) + "\n```",
-     [10.0, 20.0, 110.0, 70.0]),
-    ("grounding", '{"bbox_2d": [1, 2, 3, 4]}', [1.0, 2.0, 3.0, 4.0]),
-    ("grounding", '[{"bbox_2d": [1.5, 2, 3, 4]}]', [1.5, 2.0, 3.0, 4.0]),
-    ("grounding", '[{"bbox_2d": [5, 5, 5, 9]}]', [5.0, 5.0, 5.0, 9.0]),  # zero width: a box, IoU 0
-])
+@pytest.mark.parametrize(
+    "task, text, expected",
+    [
+        ("count", "3", 3),
+        ("count", " 3\n", 3),
+        ("count", "3.", 3),
+        ("count", "0", 0),
+        ("count", "12", 12),
+        ("count", "007", 7),
+        ("attribute", "red", "red"),
+        ("attribute", "Red", "red"),
+        ("attribute", " green.\n", "green"),
+        ("grounding", BOX_JSON, [10.0, 20.0, 110.0, 70.0]),
+        ("grounding", "```json\n" + BOX_JSON + "\n```", [10.0, 20.0, 110.0, 70.0]),
+        (
+            "grounding",
+            "```json\n" + json.dumps([{"bbox_2d": BOX, "label": "x"}], indent=2) + "\n```",
+            [10.0, 20.0, 110.0, 70.0],
+        ),
+        ("grounding", '{"bbox_2d": [1, 2, 3, 4]}', [1.0, 2.0, 3.0, 4.0]),
+        ("grounding", '[{"bbox_2d": [1.5, 2, 3, 4]}]', [1.5, 2.0, 3.0, 4.0]),
+        ("grounding", '[{"bbox_2d": [5, 5, 5, 9]}]', [5.0, 5.0, 5.0, 9.0]),  # zero width: a box, IoU 0
+    ],
+)
 def test_taught_formats_parse(task, text, expected):
     assert parse_answer(task, text) == expected
 
@@ -36,28 +53,83 @@ def test_taught_formats_parse(task, text, expected):
 
 HOSTILE = {
     "count": [
-        "", " ", "\n\t", "three", "-3", "+3", "3.0", "3.5", "1e3", "99999", str(10**40), "3 4", "3, 4",
-        "There are 3 circles.", "3 circles", "Answer: 3", "٣", "０", "[3]", '{"count": 3}', "3..", ".",
-        "\x00", "3\n4", "NaN", "inf",
+        "",
+        " ",
+        "\n\t",
+        "three",
+        "-3",
+        "+3",
+        "3.0",
+        "3.5",
+        "1e3",
+        "99999",
+        str(10**40),
+        "3 4",
+        "3, 4",
+        "There are 3 circles.",
+        "3 circles",
+        "Answer: 3",
+        "٣",
+        "０",
+        "[3]",
+        '{"count": 3}',
+        "3..",
+        ".",
+        "\x00",
+        "3\n4",
+        "NaN",
+        "inf",
     ],
     "attribute": [
-        "", "  ", "red blue", "red, blue", "The colour is red.", "red!", "light-blue", "r3d", "123",
-        '{"colour": "red"}', "a" * 50, "<answer>red</answer>", "red\nblue",
+        "",
+        "  ",
+        "red blue",
+        "red, blue",
+        "The colour is red.",
+        "red!",
+        "light-blue",
+        "r3d",
+        "123",
+        '{"colour": "red"}',
+        "a" * 50,
+        "<answer>red</answer>",
+        "red\nblue",
     ],
     "grounding": [
-        "", "   ", "[", "]", "[]", "{}", "[{}]", "null", "3", '"[1,2,3,4]"', "[1, 2, 3, 4]",
-        '[{"bbox_2d": [1, 2, 3]}]', '[{"bbox_2d": [1, 2, 3, 4, 5]}]', '[{"bbox_2d": "1,2,3,4"}]',
-        '[{"bbox_2d": [1, 2, 3, "4"]}]', '[{"bbox_2d": [true, 2, 3, 4]}]', '[{"bbox_2d": null}]',
+        "",
+        "   ",
+        "[",
+        "]",
+        "[]",
+        "{}",
+        "[{}]",
+        "null",
+        "3",
+        '"[1,2,3,4]"',
+        "[1, 2, 3, 4]",
+        '[{"bbox_2d": [1, 2, 3]}]',
+        '[{"bbox_2d": [1, 2, 3, 4, 5]}]',
+        '[{"bbox_2d": "1,2,3,4"}]',
+        '[{"bbox_2d": [1, 2, 3, "4"]}]',
+        '[{"bbox_2d": [true, 2, 3, 4]}]',
+        '[{"bbox_2d": null}]',
         '[{"bbox_2d": [30, 2, 10, 4]}]',  # x2 < x1
         '[{"bbox_2d": [1, 40, 3, 4]}]',  # y2 < y1
-        '[{"bbox_2d": [-5, 2, 10, 4]}]', '[{"bbox_2d": [1, 2, 1e9, 4]}]', '[{"bbox_2d": [1, 2, 1e400, 4]}]',
-        '[{"bbox_2d": [NaN, 2, 10, 4]}]', '[{"bbox_2d": [1, 2, Infinity, 4]}]',
+        '[{"bbox_2d": [-5, 2, 10, 4]}]',
+        '[{"bbox_2d": [1, 2, 1e9, 4]}]',
+        '[{"bbox_2d": [1, 2, 1e400, 4]}]',
+        '[{"bbox_2d": [NaN, 2, 10, 4]}]',
+        '[{"bbox_2d": [1, 2, Infinity, 4]}]',
         '[[{"bbox_2d": [1, 2, 3, 4]}]]',  # nested
-        '[{"bbox_2d": [[1, 2, 3, 4]]}]', '{"box": {"bbox_2d": [1, 2, 3, 4]}}',
+        '[{"bbox_2d": [[1, 2, 3, 4]]}]',
+        '{"box": {"bbox_2d": [1, 2, 3, 4]}}',
         '[{"bbox_2d": [1, 2, 3, 4]}, {"bbox_2d": [5, 6, 7, 8]}]',  # several answers
         '[{"bbox_2d": [1, 2, 3, 4]}] [{"bbox_2d": [1, 2, 3, 4]}]',
-        'The box is [{"bbox_2d": [1, 2, 3, 4]}]', '[{"bbox_2d": [1, 2, 3, 4]}] is the box',
-        '[{"bbox_2d": [1, 2, 3, 4]', '[{"bbox_2d": [1, 2, 3, 4],}]', "```json\n[{\"bbox_2d\": [1, 2, 3, 4]}]",
+        'The box is [{"bbox_2d": [1, 2, 3, 4]}]',
+        '[{"bbox_2d": [1, 2, 3, 4]}] is the box',
+        '[{"bbox_2d": [1, 2, 3, 4]',
+        '[{"bbox_2d": [1, 2, 3, 4],}]',
+        '```json\n[{"bbox_2d": [1, 2, 3, 4]}]',
         "[" * 100_000 + "]" * 100_000,  # deeply nested JSON: RecursionError inside json
         "[" * 5000,
     ],
@@ -75,8 +147,17 @@ def test_hostile_completions_are_rejected_and_rewards_stay_in_range(task, text):
 
 
 def test_rewards_never_raise_on_odd_completions():
-    odd_completions = [None, 3, [], [{}], [{"content": None}], [{"role": "assistant", "content": [{"type": "image"}]}],
-                       {"content": "3"}, b"3", float("nan")]
+    odd_completions = [
+        None,
+        3,
+        [],
+        [{}],
+        [{"content": None}],
+        [{"role": "assistant", "content": [{"type": "image"}]}],
+        {"content": "3"},
+        b"3",
+        float("nan"),
+    ]
     for reward in (accuracy_reward, iou_reward, task_reward, format_reward, think_format_reward):
         for completion in odd_completions:
             assert reward(completions=[completion], task=["count"], target=[3]) == [0.0]
@@ -126,9 +207,19 @@ def test_score_exact_match_and_iou():
     assert score("grounding", half, BOX) == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("task, target", [("colour", 3), ("count", -1), ("count", "three"), ("count", True),
-                                          ("grounding", [1, 2, 3]), ("grounding", "nope"),
-                                          ("attribute", 5), ("grounding", [1, 2, float("nan"), 4])])
+@pytest.mark.parametrize(
+    "task, target",
+    [
+        ("colour", 3),
+        ("count", -1),
+        ("count", "three"),
+        ("count", True),
+        ("grounding", [1, 2, 3]),
+        ("grounding", "nope"),
+        ("attribute", 5),
+        ("grounding", [1, 2, float("nan"), 4]),
+    ],
+)
 def test_score_rejects_bad_task_or_target(task, target):
     with pytest.raises(ValueError, match="task=|target="):
         score(task, "3", target)
@@ -150,11 +241,18 @@ def test_accuracy_reward_thresholds_iou_and_iou_reward_ignores_other_tasks():
 
 
 def test_conversational_completions_are_read():
-    chat = [[{"role": "assistant", "content": "3"}], [{"role": "assistant", "content": [{"type": "text", "text": "4"}]}]]
+    chat = [
+        [{"role": "assistant", "content": "3"}],
+        [{"role": "assistant", "content": [{"type": "text", "text": "4"}]}],
+    ]
     assert accuracy_reward(completions=chat, task=["count"] * 2, target=[3, 3]) == [1.0, 0.0]
-    assert format_reward(prompts=None, completions=chat, task=["count"] * 2, target=[3, 3], trainer_state=None) == [1.0, 1.0]
+    assert format_reward(prompts=None, completions=chat, task=["count"] * 2, target=[3, 3], trainer_state=None) == [
+        1.0,
+        1.0,
+    ]
 
 
 def test_think_format_reward():
-    assert think_format_reward(completions=["<think>two plus one</think><answer>3</answer>", "3"],
-                               task=["count"] * 2) == [1.0, 0.0]
+    assert think_format_reward(
+        completions=["<think>two plus one</think><answer>3</answer>", "3"], task=["count"] * 2
+    ) == [1.0, 0.0]

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.qwen import course_config, qwen25vl_3b_config
 from helpers import rope
+from helpers.qwen import course_config, qwen25vl_3b_config
 from helpers.rope import (
     IMAGE_TOKEN_ID,
     VIDEO_TOKEN_ID,
@@ -38,8 +38,13 @@ def reference(model, ids, image_grid=None, video_grid=None, seconds=None, mask=N
 @pytest.mark.parametrize("case", EXAMPLE_CASES)
 def test_rope_index_equals_model_on_processor_inputs(model, processor, case):
     inputs = example_inputs(processor, case)
-    args = (inputs["input_ids"], inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
-            inputs.get("second_per_grid_ts"), inputs["attention_mask"])
+    args = (
+        inputs["input_ids"],
+        inputs.get("image_grid_thw"),
+        inputs.get("video_grid_thw"),
+        inputs.get("second_per_grid_ts"),
+        inputs["attention_mask"],
+    )
     mine = rope_index(*args)
     theirs = model.model.get_rope_index(args[0], inputs["mm_token_type_ids"], *args[1:])
     assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
@@ -113,14 +118,20 @@ def test_generate_uses_rope_deltas(model, processor):
     inputs = example_inputs(processor, "batch of 3, left padding")
     seen = []
     hook = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["position_ids"][-3:].clone()), with_kwargs=True)
+        lambda module, args, kwargs: seen.append(kwargs["position_ids"][-3:].clone()), with_kwargs=True
+    )
     try:
         with torch.no_grad():
             model.generate(**inputs, max_new_tokens=3, do_sample=False, min_new_tokens=3)
     finally:
         hook.remove()
-    positions, deltas = rope_index(inputs["input_ids"], inputs["image_grid_thw"], inputs["video_grid_thw"],
-                                   inputs["second_per_grid_ts"], inputs["attention_mask"])
+    positions, deltas = rope_index(
+        inputs["input_ids"],
+        inputs["image_grid_thw"],
+        inputs["video_grid_thw"],
+        inputs["second_per_grid_ts"],
+        inputs["attention_mask"],
+    )
     assert torch.equal(seen[0], positions)
     expected = generated_positions(inputs["attention_mask"].sum(-1), deltas, 2)
     for step, got in enumerate(seen[1:]):
@@ -143,12 +154,15 @@ def test_video_plan_and_second_per_grid():
     assert video_plan(0.1, 1.0)["frames"] == 2
 
 
-@pytest.mark.parametrize("args, message", [
-    ((torch.tensor([1, 2, 3]),), "expected \\(batch, length\\)"),
-    ((torch.tensor([[IMAGE_TOKEN_ID] * 4]),), "more image runs"),
-    ((torch.tensor([[IMAGE_TOKEN_ID] * 3]), torch.tensor([[1, 4, 4]])), "needs 4"),
-    ((torch.tensor([[1, 2]]), None, None, None, torch.ones(1, 3)), "attention_mask has shape"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((torch.tensor([1, 2, 3]),), "expected \\(batch, length\\)"),
+        ((torch.tensor([[IMAGE_TOKEN_ID] * 4]),), "more image runs"),
+        ((torch.tensor([[IMAGE_TOKEN_ID] * 3]), torch.tensor([[1, 4, 4]])), "needs 4"),
+        ((torch.tensor([[1, 2]]), None, None, None, torch.ones(1, 3)), "attention_mask has shape"),
+    ],
+)
 def test_rope_index_bad_inputs(args, message):
     with pytest.raises(ValueError, match=message):
         rope_index(*args)
@@ -170,14 +184,22 @@ def test_other_bad_inputs():
 # --- Qwen's reference rule (get_rope_index_25) -------------------------------------------------
 
 
-def reference_oracle(input_ids, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None,
-                     attention_mask=None, tokens_per_second=2):
+def reference_oracle(
+    input_ids,
+    image_grid_thw=None,
+    video_grid_thw=None,
+    second_per_grid_ts=None,
+    attention_mask=None,
+    tokens_per_second=2,
+):
     """Qwen's reference rule written token by token, independently of helpers.rope: a text token takes
     the next id in all three rows; a vision block starting at ``start`` gives its k-th token
     (start + temporal id, start + merged row, start + merged column); the next id after a block is
     the block's largest id + 1. Temporal ids truncate float32 products, as torch does."""
-    grids = {IMAGE_TOKEN_ID: iter([] if image_grid_thw is None else image_grid_thw.tolist()),
-             VIDEO_TOKEN_ID: iter([] if video_grid_thw is None else video_grid_thw.tolist())}
+    grids = {
+        IMAGE_TOKEN_ID: iter([] if image_grid_thw is None else image_grid_thw.tolist()),
+        VIDEO_TOKEN_ID: iter([] if video_grid_thw is None else video_grid_thw.tolist()),
+    }
     seconds = iter([1.0] * 100 if second_per_grid_ts is None else [float(x) for x in second_per_grid_ts])
     positions = torch.zeros(3, *input_ids.shape, dtype=input_ids.dtype)
     deltas = []
@@ -193,8 +215,14 @@ def reference_oracle(input_ids, image_grid_thw=None, video_grid_thw=None, second
             t, h, w = next(grids[token])
             h, w = h // 2, w // 2
             interval = tokens_per_second * next(seconds) if token == VIDEO_TOKEN_ID else 0.0
-            block = [(next_id + int(torch.tensor(float(n // (h * w))) * interval),
-                      next_id + n % (h * w) // w, next_id + n % w) for n in range(t * h * w)]
+            block = [
+                (
+                    next_id + int(torch.tensor(float(n // (h * w))) * interval),
+                    next_id + n % (h * w) // w,
+                    next_id + n % w,
+                )
+                for n in range(t * h * w)
+            ]
             ids += block
             next_id, k = max(max(b) for b in block) + 1, k + len(block)
         for slot, triple in zip(slots, ids):
@@ -227,8 +255,13 @@ def test_reference_rule_on_the_docstring_example(model):
 @pytest.mark.parametrize("case", EXAMPLE_CASES)
 def test_reference_rule_on_the_notebook_cases(processor, case):
     inputs = example_inputs(processor, case)
-    args = (inputs["input_ids"], inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
-            inputs.get("second_per_grid_ts"), inputs["attention_mask"])
+    args = (
+        inputs["input_ids"],
+        inputs.get("image_grid_thw"),
+        inputs.get("video_grid_thw"),
+        inputs.get("second_per_grid_ts"),
+        inputs["attention_mask"],
+    )
     ours, oracle, transformers_rule = rope_index(*args, rule="reference"), reference_oracle(*args), rope_index(*args)
     assert torch.equal(ours[0], oracle[0]) and torch.equal(ours[1], oracle[1])
     # the example video, grid (4, 8, 10) at 1 s per patch: t ids up to start + 6 while max(h, w) / 2 = 5,
@@ -242,8 +275,10 @@ def _rules_agree(batch) -> bool:
     """True when no video's temporal ids reach max(merged h, merged w): then both rules agree."""
     if batch["video_grid_thw"] is None:
         return True
-    return all(int(torch.tensor(float(t - 1)) * (2 * s)) < max(h, w) // 2  # last temporal id < max(h, w)/2
-               for (t, h, w), s in zip(batch["video_grid_thw"].tolist(), batch["second_per_grid_ts"]))
+    return all(
+        int(torch.tensor(float(t - 1)) * (2 * s)) < max(h, w) // 2  # last temporal id < max(h, w)/2
+        for (t, h, w), s in zip(batch["video_grid_thw"].tolist(), batch["second_per_grid_ts"])
+    )
 
 
 def test_reference_rule_random_sweep(model):
@@ -251,8 +286,13 @@ def test_reference_rule_random_sweep(model):
     agreeing = 0
     for _ in range(SWEEP):
         batch = random_batch(rng)
-        args = (batch["input_ids"], batch["image_grid_thw"], batch["video_grid_thw"], batch["second_per_grid_ts"],
-                batch["attention_mask"])
+        args = (
+            batch["input_ids"],
+            batch["image_grid_thw"],
+            batch["video_grid_thw"],
+            batch["second_per_grid_ts"],
+            batch["attention_mask"],
+        )
         ours, oracle = rope_index(*args, rule="reference"), reference_oracle(*args)
         assert torch.equal(ours[0], oracle[0]) and torch.equal(ours[1], oracle[1])
         theirs = reference(model, *args)
@@ -270,8 +310,13 @@ def test_unknown_rule_is_rejected():
 def test_decoder_positions_need_mm_token_type_ids(model, processor):
     inputs = example_inputs(processor, "image + video")
     seen, logits = decoder_positions(model, inputs)
-    positions, _ = rope_index(inputs["input_ids"], inputs["image_grid_thw"], inputs["video_grid_thw"],
-                              inputs["second_per_grid_ts"], inputs["attention_mask"])
+    positions, _ = rope_index(
+        inputs["input_ids"],
+        inputs["image_grid_thw"],
+        inputs["video_grid_thw"],
+        inputs["second_per_grid_ts"],
+        inputs["attention_mask"],
+    )
     assert torch.equal(seen, positions)
     without = {key: value for key, value in inputs.items() if key != "mm_token_type_ids"}
     nothing, flat_logits = decoder_positions(model, without)
@@ -324,9 +369,14 @@ def test_interleaved_pair_axes_equal_qwen3_vl():
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding
 
     for section in ([24, 20, 20], [4, 6, 6], [10, 3, 3]):
-        config = Qwen3VLTextConfig(hidden_size=64, num_attention_heads=1, head_dim=2 * sum(section), num_hidden_layers=1,
-                                   intermediate_size=32, rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                                                          "mrope_section": section})
+        config = Qwen3VLTextConfig(
+            hidden_size=64,
+            num_attention_heads=1,
+            head_dim=2 * sum(section),
+            num_hidden_layers=1,
+            intermediate_size=32,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},
+        )
         rotary = Qwen3VLTextRotaryEmbedding(config)
         tags = torch.arange(3).float().view(3, 1, 1, 1).expand(3, 1, 1, sum(section)).clone()
         theirs = rotary.recomposition_frequencies(tags)[0, 0, : sum(section)].long().numpy()

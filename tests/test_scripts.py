@@ -12,7 +12,11 @@ from jobs import run_jobs  # noqa: E402
 
 
 def job(value, code=0):
-    return [sys.executable, "-c", f"import json, sys; print('noise'); print('RESULT ' + json.dumps({{'v': {value}}})); sys.exit({code})"]
+    return [
+        sys.executable,
+        "-c",
+        f"import json, sys; print('noise'); print('RESULT ' + json.dumps({{'v': {value}}})); sys.exit({code})",
+    ]
 
 
 def test_results_come_back_by_key_and_each_is_reported():

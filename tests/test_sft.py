@@ -41,8 +41,18 @@ def samples():
 def tiny_model(seed=0):
     from helpers.qwen import load_model
 
-    return load_model(config=course_config(text_hidden=64, text_layers=2, text_mlp=128, vision_hidden=32,
-                                           vision_depth=2, vision_mlp=64, fullatt_block_indexes=(1,)), seed=seed)
+    return load_model(
+        config=course_config(
+            text_hidden=64,
+            text_layers=2,
+            text_mlp=128,
+            vision_hidden=32,
+            vision_depth=2,
+            vision_mlp=64,
+            fullatt_block_indexes=(1,),
+        ),
+        seed=seed,
+    )
 
 
 # --- the collator ----------------------------------------------------------------------------
@@ -65,10 +75,15 @@ def test_collator_matches_trl_prompt_completion_collator(processor, samples):
 
     trl = DataCollatorForVisionLanguageModeling(processor=processor, completion_only_loss=True)
     for lo in (0, 5, 12):
-        chunk = samples[lo:lo + 5]
-        rows = [{"images": [s.image],
-                 "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}],
-                 "completion": [{"role": "assistant", "content": [{"type": "text", "text": s.answer}]}]} for s in chunk]
+        chunk = samples[lo : lo + 5]
+        rows = [
+            {
+                "images": [s.image],
+                "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}],
+                "completion": [{"role": "assistant", "content": [{"type": "text", "text": s.answer}]}],
+            }
+            for s in chunk
+        ]
         theirs = trl(rows)
         ours = sft.SFTCollator(processor)(chunk)
         torch.testing.assert_close(ours["pixel_values"], theirs["pixel_values"])
@@ -78,7 +93,7 @@ def test_collator_matches_trl_prompt_completion_collator(processor, samples):
             assert ours["input_ids"][row][keep].tolist() == theirs["input_ids"][row][their_keep].tolist()
             a = ours["labels"][row][keep]
             b = theirs["labels"][row][their_keep].clone()
-            newline = (b != IGNORE_INDEX).nonzero()[-1]          # TRL also trains the "\n" after <|im_end|>
+            newline = (b != IGNORE_INDEX).nonzero()[-1]  # TRL also trains the "\n" after <|im_end|>
             assert int(theirs["input_ids"][row][their_keep][newline]) == 198
             b[newline] = IGNORE_INDEX
             assert torch.equal(a, b)
@@ -95,7 +110,7 @@ def test_loss_equals_transformers_and_trl(processor, samples, seed, size, tmp_pa
             p.add_(0.02 * torch.randn_like(p))
     trainer = sft.trl_trainer(model, processor, samples, steps=1, batch_size=2, output_dir=str(tmp_path))
     model.train()
-    batch = sft.SFTCollator(processor)(samples[seed:seed + size])
+    batch = sft.SFTCollator(processor)(samples[seed : seed + size])
     with torch.no_grad():
         ours = sft.labelled_loss(model, batch)
         theirs = model(**batch).loss
@@ -130,8 +145,17 @@ def test_lr_scales_make_groups_that_the_schedule_keeps(processor, samples):
     for bad in (-1, float("nan"), "10", True):
         with pytest.raises(ValueError, match="finite number"):
             optim.make_optimizer(model, 1e-3, lr_scales={"model.language_model.norm": bad})
-    result = sft.train(model, processor, samples, steps=3, batch_size=4, lr=1e-3, warmup=1, progress=False,
-                       lr_scales={"model.language_model.norm": 100})
+    result = sft.train(
+        model,
+        processor,
+        samples,
+        steps=3,
+        batch_size=4,
+        lr=1e-3,
+        warmup=1,
+        progress=False,
+        lr_scales={"model.language_model.norm": 100},
+    )
     lrs = {g["lr_scale"]: g["lr"] for g in result.optimizer.param_groups}
     assert lrs[100] == pytest.approx(100 * lrs[1.0]) and lrs[1.0] == pytest.approx(1e-3 * optim.lr_factor(2, 3, 1))
 
@@ -150,8 +174,18 @@ def test_frozen_table_stays_put_and_a_trainable_one_drifts(processor, samples):
 
 def test_trl_trainer_uses_our_groups_and_stops_early(processor, samples, tmp_path):
     model = tiny_model()
-    trainer = sft.trl_trainer(model, processor, samples, steps=10, stop_at=2, batch_size=4, lr=1e-3, warmup=1,
-                              lr_scales={"model.language_model.norm": 10}, output_dir=str(tmp_path))
+    trainer = sft.trl_trainer(
+        model,
+        processor,
+        samples,
+        steps=10,
+        stop_at=2,
+        batch_size=4,
+        lr=1e-3,
+        warmup=1,
+        lr_scales={"model.language_model.norm": 10},
+        output_dir=str(tmp_path),
+    )
     trainer.train()
     assert trainer.state.global_step == 2
     lrs = sorted(g["lr"] for g in trainer.optimizer.param_groups)
@@ -178,13 +212,18 @@ def test_the_early_sft_start_has_its_own_folder_and_is_trained_when_missing(monk
     missing, sft_checkpoint says so and trains exactly that many steps."""
     from helpers import profiles
 
-    assert checkpoints.profile_checkpoint_dir("cpu", step=150).name == checkpoints.profile_checkpoint_dir("cpu").name + "-step150"
+    assert (
+        checkpoints.profile_checkpoint_dir("cpu", step=150).name
+        == checkpoints.profile_checkpoint_dir("cpu").name + "-step150"
+    )
     for bad in (0, -3, 1.5, True):
         with pytest.raises(ValueError, match="step="):
             checkpoints.profile_checkpoint_dir("cpu", step=bad)
     monkeypatch.setenv("QWENVL_CACHE", str(tmp_path))
     monkeypatch.setitem(profiles.PROFILES["cpu"]["grpo"], "start_step", 2)
-    monkeypatch.setitem(profiles.PROFILES["cpu"], "sft", dataclasses.replace(profiles.settings("sft", "cpu"), batch_size=2))
+    monkeypatch.setitem(
+        profiles.PROFILES["cpu"], "sft", dataclasses.replace(profiles.settings("sft", "cpu"), batch_size=2)
+    )
     path = checkpoints.sft_checkpoint("cpu", progress=False)
     assert "training it now" in capsys.readouterr().out and checkpoints.is_complete(path)
     assert json.loads((path / checkpoints.STATE_FILE).read_text())["step"] == 2
@@ -230,13 +269,19 @@ def test_lora_trains_only_the_language_model():
     assert groups["LM: embeddings (= tied head)"][0] == 0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     cfg = model.config.get_text_config()
-    d, mlp, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads
+    d, mlp, kv = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_key_value_heads * cfg.hidden_size // cfg.num_attention_heads,
+    )
     per_layer = 4 * ((d + d) + (d + kv) * 2 + (d + d)) + 4 * ((d + mlp) * 2 + (mlp + d))
     assert trainable == groups["LM: decoder layers"][0] == cfg.num_hidden_layers * per_layer
 
 
 def test_bare_module_names_also_hit_the_vision_tower():
-    naive = lora.apply_lora(tiny_model(), r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    naive = lora.apply_lora(
+        tiny_model(), r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     assert lora.trainable_by_module(naive)["vision: blocks"][0] > 0
     merger = lora.apply_lora(tiny_model(), r=4, train_merger=True)
     groups = lora.trainable_by_module(merger)
@@ -249,7 +294,8 @@ def test_freeze_vision_counts():
     groups = lora.trainable_by_module(model)
     assert groups["vision: blocks"][0] == 0 and groups["vision: merger"][0] == groups["vision: merger"][1] > 0
     assert sum(t for t, _ in groups.values()) + sum(
-        p.numel() for n, p in model.named_parameters() if not p.requires_grad) == parameter_count(model)
+        p.numel() for n, p in model.named_parameters() if not p.requires_grad
+    ) == parameter_count(model)
 
 
 def test_3b_counts_on_meta():
@@ -274,7 +320,9 @@ def test_truncated_image_tokens_raise(processor, samples):
 def test_truncated_answer_raises(processor, samples):
     items = sft.encode_samples(processor, samples[:3])
     first_answer_token = min(int((it["labels"] != IGNORE_INDEX).nonzero()[0]) for it in items)
-    with pytest.raises(ValueError, match=r"rows \[0, 1, 2\] have no labelled token: max_length truncated their answer away"):
+    with pytest.raises(
+        ValueError, match=r"rows \[0, 1, 2\] have no labelled token: max_length truncated their answer away"
+    ):
         sft.SFTCollator(processor, max_length=first_answer_token)(samples[:3])
 
 
@@ -308,8 +356,26 @@ def test_bad_training_settings(processor):
 def test_torchrun_two_processes(tmp_path):
     out, metrics = tmp_path / "ckpt", tmp_path / "metrics.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "QWENVL_PROFILE": "cpu"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-               "-m", "helpers.sft", "--profile", "cpu", "--steps", "3", "--no-eval", "--out", str(out), "--metrics", str(metrics)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "helpers.sft",
+        "--profile",
+        "cpu",
+        "--steps",
+        "3",
+        "--no-eval",
+        "--out",
+        str(out),
+        "--metrics",
+        str(metrics),
+    ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(metrics.read_text())
@@ -329,8 +395,14 @@ def test_collator_keys_are_the_processors_plus_labels_and_trls(processor, sample
     ours = sft.SFTCollator(processor)(samples[:3])
     text = [processor.apply_chat_template(sample_messages(s), tokenize=False) for s in samples[:3]]
     processed = processor(text=text, images=[s.image for s in samples[:3]], padding=True, return_tensors="pt")
-    rows = [{"images": [s.image], "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}],
-             "completion": [{"role": "assistant", "content": [{"type": "text", "text": s.answer}]}]} for s in samples[:3]]
+    rows = [
+        {
+            "images": [s.image],
+            "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": s.question}]}],
+            "completion": [{"role": "assistant", "content": [{"type": "text", "text": s.answer}]}],
+        }
+        for s in samples[:3]
+    ]
     theirs = DataCollatorForVisionLanguageModeling(processor=processor, completion_only_loss=True)(rows)
     assert set(ours) == set(processed) | {"labels"} == set(theirs)
     assert set(sft.MODEL_INPUTS) == set(processed)
@@ -342,19 +414,26 @@ def test_training_forward_receives_the_3d_positions_of_get_rope_index(processor,
     model = tiny_model()
     seen = []
     hook = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["position_ids"].detach().clone()), with_kwargs=True)
+        lambda module, args, kwargs: seen.append(kwargs["position_ids"].detach().clone()), with_kwargs=True
+    )
     sft.train(model, processor, samples[:4], steps=1, batch_size=4, lr=1e-3, warmup=0, progress=False)
     hook.remove()
     order = sft.batch_indices(4, 4, step=0, seed=0)  # the samples of the step, in the loop's order
     batch = sft.SFTCollator(processor)([samples[i] for i in order])
-    want, _ = model.model.get_rope_index(batch["input_ids"], image_grid_thw=batch["image_grid_thw"],
-                                         attention_mask=batch["attention_mask"], mm_token_type_ids=batch["mm_token_type_ids"])
+    want, _ = model.model.get_rope_index(
+        batch["input_ids"],
+        image_grid_thw=batch["image_grid_thw"],
+        attention_mask=batch["attention_mask"],
+        mm_token_type_ids=batch["mm_token_type_ids"],
+    )
     (got,) = seen
     got = got[-3:]  # transformers may prepend a text-position row
     real = batch["attention_mask"].bool()  # padding positions carry no meaning (the two fill them differently)
     assert torch.equal(got[:, real], want[:, real])
     image = batch["input_ids"][0] == sft.IMAGE_PAD
-    assert len(set(zip(*(got[k, 0, image].tolist() for k in range(3))))) == int(image.sum())  # each image token its own (t, h, w)
+    assert len(set(zip(*(got[k, 0, image].tolist() for k in range(3))))) == int(
+        image.sum()
+    )  # each image token its own (t, h, w)
 
 
 def test_sft_and_grpo_generation_paths_agree(processor):
@@ -423,8 +502,11 @@ def test_a_saved_checkpoint_gets_the_checkpoint_recipe(processor, tmp_path, monk
 
     checkpoints.save_checkpoint(tmp_path / "real", tiny_model(), processor, {"step": 0})
     monkeypatch.setenv("QWENVL_MODEL", str(tmp_path / "real"))
-    monkeypatch.setitem(profiles.PROFILES["cpu"], "checkpoint",
-                        dataclasses.replace(profiles.settings("checkpoint", "cpu"), method=method))
+    monkeypatch.setitem(
+        profiles.PROFILES["cpu"],
+        "checkpoint",
+        dataclasses.replace(profiles.settings("checkpoint", "cpu"), method=method),
+    )
     r = recipes.recipe("cpu")
     assert (r.kind, r.method, r.lr, r.lr_scales, r.freeze_embeddings) == ("checkpoint", method, lr, None, False)
     assert r.logit_scale_init is None and r.embedding_std is None  # no from-scratch init on a checkpoint
@@ -433,7 +515,9 @@ def test_a_saved_checkpoint_gets_the_checkpoint_recipe(processor, tmp_path, monk
     assert groups["vision: blocks"][0] == groups["vision: patch embed"][0] == 0
     if method == "lora":
         names = [n for n, p in model.named_parameters() if p.requires_grad]
-        assert names and all("lora_" in n or ".merger." in n for n in names)  # LoRA on the LM; the merger as the recipe says
+        assert names and all(
+            "lora_" in n or ".merger." in n for n in names
+        )  # LoRA on the LM; the merger as the recipe says
         assert (groups["vision: merger"][0] > 0) == r.train_merger
     else:
         assert groups["vision: merger"][0] == groups["vision: merger"][1] and groups["LM: decoder layers"][0] > 0
@@ -454,11 +538,14 @@ def test_a_save_leaves_no_file_of_an_earlier_one(processor, samples, tmp_path):
     assert not checkpoints.is_complete(tmp_path / "c")
 
 
-@pytest.mark.parametrize("change, match", [
-    ({"batch_size": 2}, r"batch_size = 3 there, 2 here"),
-    ({"lr": 1e-3}, r"lr = 0.003 there, 0.001 here"),
-    ({"steps": 8}, r"steps = 6 there, 8 here"),
-])
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"batch_size": 2}, r"batch_size = 3 there, 2 here"),
+        ({"lr": 1e-3}, r"lr = 0.003 there, 0.001 here"),
+        ({"steps": 8}, r"steps = 6 there, 8 here"),
+    ],
+)
 def test_resume_refuses_another_run(processor, samples, tmp_path, change, match):
     kwargs = dict(steps=6, batch_size=3, grad_accum=1, lr=3e-3, warmup=2, progress=False)
     sft.train(tiny_model(), processor, samples, checkpoint_dir=tmp_path, stop_at=2, **kwargs)

@@ -12,8 +12,7 @@ from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize 
 
 from helpers import vision
 from helpers.qwen import load_processor
-from helpers.vision import (compare_with_libraries, double_resize,
-                            random_resize_cases, resize_plan, smart_resize)
+from helpers.vision import compare_with_libraries, double_resize, random_resize_cases, resize_plan, smart_resize
 from helpers.widgets import REGISTRY, render
 
 
@@ -40,8 +39,9 @@ def test_property_sweep_against_both_libraries(sweep):
 
 
 def test_other_seed_and_default_limits():
-    result = compare_with_libraries([case[:3] + (vision.MIN_PIXELS, vision.MAX_PIXELS)
-                                     for case in random_resize_cases(2_000, seed=1)])
+    result = compare_with_libraries(
+        [case[:3] + (vision.MIN_PIXELS, vision.MAX_PIXELS) for case in random_resize_cases(2_000, seed=1)]
+    )
     assert result["counts"]["cases"] > 2_000
     for h, w in [(512, 600), (1092, 1568), (4000, 3000), (10, 10), (28, 5600)]:
         assert smart_resize(h, w) == hf_resize(h, w, 28, vision.MIN_PIXELS, vision.MAX_PIXELS)
@@ -86,22 +86,27 @@ def test_processor_uses_the_same_size():
         assert [grid[1] * 14, grid[2] * 14] == list(smart_resize(h, w, 28, 256 * 784, 1280 * 784))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(height=0, width=10), "height=0"),
-    (dict(height=10, width=-5), "width=-5"),
-    (dict(height=10, width=10, factor=0), "factor=0"),
-    (dict(height=10, width=10, min_pixels=0), "min_pixels=0"),
-    (dict(height=10, width=10, min_pixels=5000, max_pixels=4000), "min_pixels=5000 is larger than max_pixels=4000"),
-    (dict(height=1, width=201), "aspect ratio 201 is above 200"),
-    (dict(height=10_000, width=28), "aspect ratio 357.143 is above 200"),
-    (dict(height=28, width=5601), "aspect ratio 200.036 is above 200"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(height=0, width=10), "height=0"),
+        (dict(height=10, width=-5), "width=-5"),
+        (dict(height=10, width=10, factor=0), "factor=0"),
+        (dict(height=10, width=10, min_pixels=0), "min_pixels=0"),
+        (dict(height=10, width=10, min_pixels=5000, max_pixels=4000), "min_pixels=5000 is larger than max_pixels=4000"),
+        (dict(height=1, width=201), "aspect ratio 201 is above 200"),
+        (dict(height=10_000, width=28), "aspect ratio 357.143 is above 200"),
+        (dict(height=28, width=5601), "aspect ratio 200.036 is above 200"),
+    ],
+)
 def test_bad_sizes_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
         smart_resize(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs", [dict(height=10.5, width=10), dict(height=True, width=10), dict(height="5", width=10)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(height=10.5, width=10), dict(height=True, width=10), dict(height="5", width=10)]
+)
 def test_non_integer_sizes_raise_type_error(kwargs):
     with pytest.raises(TypeError, match="expected an integer"):
         smart_resize(**kwargs)

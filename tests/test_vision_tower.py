@@ -28,8 +28,12 @@ def random_grids(count, seed=0):
     rng = np.random.default_rng(seed)
     for _ in range(count):
         items = rng.integers(1, 4)
-        yield torch.tensor([[int(rng.choice([1, 1, 2, 3, 4])), 2 * int(rng.integers(1, 45)), 2 * int(rng.integers(1, 45))]
-                            for _ in range(items)])
+        yield torch.tensor(
+            [
+                [int(rng.choice([1, 1, 2, 3, 4])), 2 * int(rng.integers(1, 45)), 2 * int(rng.integers(1, 45))]
+                for _ in range(items)
+            ]
+        )
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +135,7 @@ def test_window_map_agrees_with_the_permutation():
         ids = vt.window_map(first)
         t, h, w = first[0].tolist()
         inside = ids[:, : h // 2, : w // 2]
-        assert (inside >= 0).all() and (ids[:, h // 2:, :] == -1).all() and (ids[:, :, w // 2:] == -1).all()
+        assert (inside >= 0).all() and (ids[:, h // 2 :, :] == -1).all() and (ids[:, :, w // 2 :] == -1).all()
         _, cu = vt.window_index(first, 2, 112, 14)
         assert np.bincount(inside.ravel()).tolist() == (vt.window_sizes(cu) // 4).tolist()
 
@@ -232,13 +236,18 @@ def test_vision_tower_matches_the_model_image_video_and_batch(model, processor, 
     video = processor.video_processor(videos=[video_frames(5)], return_tensors="pt")
     both_rows = torch.cat([image["pixel_values"], video["pixel_values_videos"]])
     both_grid = torch.cat([image["image_grid_thw"], video["video_grid_thw"]])
-    for rows, grid in ((image["pixel_values"], image["image_grid_thw"]),
-                       (video["pixel_values_videos"], video["video_grid_thw"]), (both_rows, both_grid)):
+    for rows, grid in (
+        (image["pixel_values"], image["image_grid_thw"]),
+        (video["pixel_values_videos"], video["video_grid_thw"]),
+        (both_rows, both_grid),
+    ):
         assert _tower_max_diff(visual, rows, grid) <= 1e-5
 
 
 def test_vision_tower_other_shapes_sweep():
-    config = course_config(vision_hidden=48, vision_depth=5, vision_heads=3, vision_mlp=96, fullatt_block_indexes=(0, 4))
+    config = course_config(
+        vision_hidden=48, vision_depth=5, vision_heads=3, vision_mlp=96, fullatt_block_indexes=(0, 4)
+    )
     visual = load_model(config=config, seed=3).model.visual
     for grid in random_grids(4, seed=5):
         grid = torch.minimum(grid, torch.tensor([2, 16, 20]))
@@ -262,30 +271,41 @@ def test_widgets_registered_and_compute():
     assert vtp.patch_embed_view(frames=5).data["pairs"] == [(0, 1), (2, 3), (4, 4)]
     assert vtp.window_view().data["windows"] == 88
     assert vtp.position_view(grid_h=2, grid_w=4).data["position_ids"].tolist() == [
-        [0, 0], [0, 1], [1, 0], [1, 1], [0, 2], [0, 3], [1, 2], [1, 3]]
+        [0, 0],
+        [0, 1],
+        [1, 0],
+        [1, 1],
+        [0, 2],
+        [0, 3],
+        [1, 2],
+        [1, 3],
+    ]
 
 
 # --------------------------------------------------------------------------------------- bad inputs
 
 
-@pytest.mark.parametrize("call,error,words", [
-    (lambda: vt.window_index([[1, 57, 84]], 2, 112, 14), ValueError, "multiples of spatial_merge_size"),
-    (lambda: vt.window_index([[0, 58, 84]], 2, 112, 14), ValueError, "≥ 1"),
-    (lambda: vt.window_index([[1.0, 58, 84]], 2, 112, 14), TypeError, "integers"),
-    (lambda: vt.window_index(torch.tensor([[1.0, 58, 84]]), 2, 112, 14), TypeError, "dtype"),
-    (lambda: vt.window_index([[1, 58]], 2, 112, 14), ValueError, "(n ≥ 1, 3)"),
-    (lambda: vt.window_index([[1, 58, 84]], 2, 100, 14), ValueError, "multiple of"),
-    (lambda: vt.window_index([[1, 58, 84]], 0, 112, 14), ValueError, "≥ 1"),
-    (lambda: vt.vision_position_ids([[1, 58, 84]], 2.0), TypeError, "int"),
-    (lambda: vt.vision_position_ids([[1, 3, 84]], 2), ValueError, "multiples"),
-    (lambda: vt.window_map([[1, 4, 4], [1, 4, 4]]), ValueError, "one image"),
-    (lambda: vt.conv3d_to_linear_weight(torch.zeros(4, 3, 14, 14)), ValueError, "5 dims"),
-    (lambda: vt.patch_embed_as_matmul(torch.zeros(4, 588), torch.zeros(8, 3, 2, 14, 14)), ValueError, "(N, 1176)"),
-    (lambda: vt.temporal_pairs(0), ValueError, "≥ 1"),
-    (lambda: vt.rotary_inv_freq(18), ValueError, "multiple of 4"),
-    (lambda: vt.patch_merger(torch.zeros(6, 64), None), ValueError, "multiple of"),
-    (lambda: vt.block_mask(torch.tensor([0, 4, 8]), 9), ValueError, "length=9"),
-])
+@pytest.mark.parametrize(
+    "call,error,words",
+    [
+        (lambda: vt.window_index([[1, 57, 84]], 2, 112, 14), ValueError, "multiples of spatial_merge_size"),
+        (lambda: vt.window_index([[0, 58, 84]], 2, 112, 14), ValueError, "≥ 1"),
+        (lambda: vt.window_index([[1.0, 58, 84]], 2, 112, 14), TypeError, "integers"),
+        (lambda: vt.window_index(torch.tensor([[1.0, 58, 84]]), 2, 112, 14), TypeError, "dtype"),
+        (lambda: vt.window_index([[1, 58]], 2, 112, 14), ValueError, "(n ≥ 1, 3)"),
+        (lambda: vt.window_index([[1, 58, 84]], 2, 100, 14), ValueError, "multiple of"),
+        (lambda: vt.window_index([[1, 58, 84]], 0, 112, 14), ValueError, "≥ 1"),
+        (lambda: vt.vision_position_ids([[1, 58, 84]], 2.0), TypeError, "int"),
+        (lambda: vt.vision_position_ids([[1, 3, 84]], 2), ValueError, "multiples"),
+        (lambda: vt.window_map([[1, 4, 4], [1, 4, 4]]), ValueError, "one image"),
+        (lambda: vt.conv3d_to_linear_weight(torch.zeros(4, 3, 14, 14)), ValueError, "5 dims"),
+        (lambda: vt.patch_embed_as_matmul(torch.zeros(4, 588), torch.zeros(8, 3, 2, 14, 14)), ValueError, "(N, 1176)"),
+        (lambda: vt.temporal_pairs(0), ValueError, "≥ 1"),
+        (lambda: vt.rotary_inv_freq(18), ValueError, "multiple of 4"),
+        (lambda: vt.patch_merger(torch.zeros(6, 64), None), ValueError, "multiple of"),
+        (lambda: vt.block_mask(torch.tensor([0, 4, 8]), 9), ValueError, "length=9"),
+    ],
+)
 def test_bad_inputs_raise(call, error, words):
     with pytest.raises(error, match=None) as info:
         call()

@@ -30,7 +30,6 @@ import time
 
 import nbformat
 import pytest
-
 from labdriver import NOTEBOOK_DIR, Notebook
 from widget_slices import slice_notebook
 
@@ -54,7 +53,8 @@ def test_notebook_in_jupyterlab(path, lab_server, browser, screenshots):
     nbformat.write(slice_notebook(path), sliced)
     kernel = nbformat.reads(on_disk.decode(), as_version=4).metadata.get("kernelspec", {}).get("name")
     assert kernel in lab_server.api("GET", "/api/kernelspecs")["kernelspecs"], (
-        f"{path.name} asks for kernel {kernel!r}, which JupyterLab does not have (make setup registers it)")
+        f"{path.name} asks for kernel {kernel!r}, which JupyterLab does not have (make setup registers it)"
+    )
 
     page = browser.new_page()
     page_errors: list[str] = []
@@ -75,21 +75,27 @@ def test_notebook_in_jupyterlab(path, lab_server, browser, screenshots):
         prompts = notebook.prompts()
         counts = [int(m.group(1)) if (m := re.fullmatch(r"\[(\d+)\]:?", p)) else p for p in prompts]
         errors = notebook.errors()
-        assert not errors, f"{path.name}: {len(errors)} cell(s) show an error:\n" + "\n---\n".join(e[-1500:] for e in errors)
+        assert not errors, f"{path.name}: {len(errors)} cell(s) show an error:\n" + "\n---\n".join(
+            e[-1500:] for e in errors
+        )
         assert counts == list(range(1, len(prompts) + 1)), f"{path.name}: not every cell ran in order: {prompts}"
         broken = notebook.panel.get_by_text("Error displaying widget")
         assert broken.count() == 0, f"{path.name}: a widget failed to display"
         twice = [n for n, ids in enumerate(notebook.widget_views(), 1) if len(ids) != len(set(ids))]
-        assert not twice, (f"{path.name}: code cell(s) {twice} show the same widget twice "
-                           "(show(...) displays it and returns it: end the line with ';')")
+        assert not twice, (
+            f"{path.name}: code cell(s) {twice} show the same widget twice "
+            "(show(...) displays it and returns it: end the line with ';')"
+        )
 
         boxes = notebook.widget_boxes()
         operated = []
         for index in range(boxes.count()):
             changes = notebook.operate_widget(boxes.nth(index))
-            tried = "; ".join(f"{c.kind} {c.value_before} → {c.value_after} in {c.steps} step(s): text "
-                              f"{'changed' if c.text_changed else 'same'}, image {'changed' if c.image_changed else 'same'}"
-                              for c in changes)
+            tried = "; ".join(
+                f"{c.kind} {c.value_before} → {c.value_after} in {c.steps} step(s): text "
+                f"{'changed' if c.text_changed else 'same'}, image {'changed' if c.image_changed else 'same'}"
+                for c in changes
+            )
             where = f"{path.name}, widget {index + 1} ({tried})"
             first = changes[0]
             assert first.before["text"] or first.before["images"], f"{where}: the widget shows nothing"
@@ -101,7 +107,11 @@ def test_notebook_in_jupyterlab(path, lab_server, browser, screenshots):
             operated.append(tried)
             if index == 0:
                 _screenshot(boxes.nth(index), screenshots / f"{path.stem}-widget.png")
-        print(f"{path.name}: {len(prompts)} code cells in its widget slice; {len(operated)} widget(s):", *operated, sep="\n  ")
+        print(
+            f"{path.name}: {len(prompts)} code cells in its widget slice; {len(operated)} widget(s):",
+            *operated,
+            sep="\n  ",
+        )
         assert not page_errors, f"{path.name}: uncaught errors in the page: {page_errors}"
         passed = True
     finally:

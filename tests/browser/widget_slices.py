@@ -86,7 +86,8 @@ def modified_names(tree: ast.Module) -> set[str]:
         targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
         for target in targets:
             if isinstance(target, (ast.Subscript, ast.Attribute)) or (
-                    isinstance(node, ast.AugAssign) and isinstance(target, ast.Name)):
+                isinstance(node, ast.AugAssign) and isinstance(target, ast.Name)
+            ):
                 names |= _bound_by(target)
     return names
 
@@ -96,7 +97,8 @@ def is_widget_cell(source: str) -> bool:
     tree = _parse(source)
     return tree is not None and any(
         isinstance(n, ast.Call) and (getattr(n.func, "id", None) == "show" or getattr(n.func, "attr", None) == "show")
-        for n in ast.walk(tree))
+        for n in ast.walk(tree)
+    )
 
 
 def widget_slice(cells: list[str]) -> list[int]:
