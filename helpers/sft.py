@@ -439,6 +439,14 @@ def train(
 # ---------------------------------------------------------------------------------------------
 
 
+#: SFTConfig settings for batches the course collates itself (``SFTCollator``): TRL neither prepares,
+#: truncates nor drops columns; it logs every step and saves nothing.
+TRL_COURSE_BATCHES = dict(
+    logging_steps=1, save_strategy="no", report_to="none", remove_unused_columns=False,
+    dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
+)  # fmt: skip
+
+
 def trl_trainer(
     model,
     processor,
@@ -472,12 +480,7 @@ def trl_trainer(
         weight_decay=0.0,
         adam_beta2=0.95,
         max_grad_norm=1.0,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        remove_unused_columns=False,
-        dataset_kwargs={"skip_prepare_dataset": True},
-        max_length=None,
+        **TRL_COURSE_BATCHES,
         bf16=bf16,
         use_cpu=not torch.cuda.is_available(),
         seed=seed,

@@ -38,35 +38,23 @@ FIRST_SPECIAL_ID = 151643
 
 #: The 22 added tokens of Qwen2.5-VL, name → id, in id order. The checkpoint marks 14 of them
 #: special; the 8 in ``NOT_SPECIAL`` are added tokens that ``skip_special_tokens=True`` keeps.
+# A table: kept one line per group (ruff format would put one value per line).
+# fmt: off
 SPECIAL_TOKENS: dict[str, int] = {
     name: FIRST_SPECIAL_ID + offset
     for offset, name in enumerate(
         [
-            "<|endoftext|>",
-            "<|im_start|>",
-            "<|im_end|>",
-            "<|object_ref_start|>",
-            "<|object_ref_end|>",
-            "<|box_start|>",
-            "<|box_end|>",
-            "<|quad_start|>",
-            "<|quad_end|>",
-            "<|vision_start|>",
-            "<|vision_end|>",
-            "<|vision_pad|>",
-            "<|image_pad|>",
-            "<|video_pad|>",
-            "<tool_call>",
-            "</tool_call>",
-            "<|fim_prefix|>",
-            "<|fim_middle|>",
-            "<|fim_suffix|>",
-            "<|fim_pad|>",
-            "<|repo_name|>",
-            "<|file_sep|>",
+            "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+            "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+            "<|quad_start|>", "<|quad_end|>",
+            "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+            "<tool_call>", "</tool_call>",
+            "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+            "<|repo_name|>", "<|file_sep|>",
         ]
     )
 }
+# fmt: on
 
 #: Qwen2's pre-tokenizer: contractions, letter runs (with one leading non-letter), single digits,
 #: punctuation runs, newlines, and whitespace. Digits are split one by one (unlike GPT-4's 1-3).
@@ -139,16 +127,11 @@ CHAT_TEMPLATE = (
 
 
 #: Added tokens the checkpoint marks ``"special": false`` (ids 151657–151664).
-NOT_SPECIAL = (
-    "<tool_call>",
-    "</tool_call>",
-    "<|fim_prefix|>",
-    "<|fim_middle|>",
-    "<|fim_suffix|>",
-    "<|fim_pad|>",
-    "<|repo_name|>",
-    "<|file_sep|>",
-)
+# A table: kept one line per group (ruff format would put one value per line).
+# fmt: off
+NOT_SPECIAL = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>",
+               "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>")
+# fmt: on
 
 #: The checkpoint's own chat template (tokenizer_config.json and chat_template.json). Unlike
 #: ``CHAT_TEMPLATE`` it renders any role and silently drops content parts it does not know.

@@ -318,13 +318,7 @@ def resize_figure(plan: ResizePlan):
         (left, (plan.height, plan.width), f"original {plan.height}×{plan.width}"),
         (right, plan.resized, f"resized {plan.resized[0]}×{plan.resized[1]}"),
     ):
-        axis.imshow(thumb, extent=(0, w, h, 0), aspect="equal", interpolation="nearest")
-        axis.set_xlim(0, w)
-        axis.set_ylim(h, 0)
-        axis.set_xticks([0, w])
-        axis.set_yticks([0, h])
-        axis.set_title(title)
-        axis.grid(False)
+        _show_image(axis, thumb, h, w, title)
     rows, cols = plan.resized[0] // plan.factor, plan.resized[1] // plan.factor
     step = plan.factor * max(1, math.ceil(max(rows, cols) / 64))  # at most ~64 lines per side
     _draw_grid(right, *plan.resized, step)
@@ -422,6 +416,13 @@ def heatmap_figure(heights, widths, min_pixels: int = MIN_PIXELS, max_pixels: in
     return figure, grid
 
 
+def _show_image(axis, thumb, height: int, width: int, title: str) -> None:
+    """``thumb`` stretched over an axis of ``height`` × ``width`` pixels (y down), ticks at the edges."""
+    axis.imshow(thumb, extent=(0, width, height, 0), aspect="equal", interpolation="nearest")
+    axis.set(xlim=(0, width), ylim=(height, 0), xticks=[0, width], yticks=[0, height], title=title)
+    axis.grid(False)
+
+
 def _box_patch(axis, box, colour, linestyle="-"):
     from matplotlib.patches import Rectangle
 
@@ -467,13 +468,7 @@ def box_view(x: int = 165, y: int = 135, box_width: int = 200, box_height: int =
         (left, original, f"original {original[0]}×{original[1]}"),
         (right, resized, f"resized {resized[0]}×{resized[1]}"),
     ):
-        axis.imshow(thumb, extent=(0, w, h, 0), interpolation="nearest")
-        axis.set_xlim(0, w)
-        axis.set_ylim(h, 0)
-        axis.set_xticks([0, w])
-        axis.set_yticks([0, h])
-        axis.set_title(title)
-        axis.grid(False)
+        _show_image(axis, thumb, h, w, title)
     _box_patch(left, box, COLOURS["loss"])
     _box_patch(right, target, COLOURS["loss"])
     _box_patch(right, unconverted, COLOURS["accent"], linestyle="--")

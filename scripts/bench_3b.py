@@ -272,6 +272,7 @@ def run_trl(config, rows: list[dict], device: torch.device, amp: bool, warmup: i
     from trl import SFTConfig, SFTTrainer
 
     from helpers.qwen import load_processor
+    from helpers.sft import TRL_COURSE_BATCHES
 
     model, _ = build(config, "lora", device)
     marks = []
@@ -290,12 +291,7 @@ def run_trl(config, rows: list[dict], device: torch.device, amp: bool, warmup: i
         weight_decay=0.0,
         max_grad_norm=1.0,
         optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        remove_unused_columns=False,
-        dataset_kwargs={"skip_prepare_dataset": True},
-        max_length=None,
+        **TRL_COURSE_BATCHES,
         bf16=amp,
         use_cpu=device.type != "cuda",
         disable_tqdm=True,

@@ -167,18 +167,8 @@ def benchmark_loops(
 
     n = batch_size * steps
     data = samples[:n]
-    ours = train(
-        model_fn(),
-        processor,
-        data,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        warmup=2,
-        num_workers=num_workers,
-        progress=False,
-        lr_scales=lr_scales,
-    )
+    same = dict(steps=steps, batch_size=batch_size, lr=lr, warmup=2, lr_scales=lr_scales)  # both loops
+    ours = train(model_fn(), processor, data, num_workers=num_workers, progress=False, **same)
     h = ours.history
     ours_tps = sum(h["tokens"][skip:]) / (h["seconds"][-1] - h["seconds"][skip - 1])
 
@@ -194,11 +184,7 @@ def benchmark_loops(
         model_fn(),
         processor,
         data,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        warmup=2,
-        lr_scales=lr_scales,
+        **same,
         bf16=torch.cuda.is_available(),
         output_dir=os.path.join(os.environ.get("TMPDIR", "/tmp"), "trl_bench"),
         dataloader_num_workers=num_workers,

@@ -2,13 +2,12 @@
 widget and the command line (smoke sizes, a random course model)."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from support import run_two_processes
 
 from helpers import grpo, grpo_plots, grpo_trl, rollouts
 from helpers.data import make_split
@@ -326,25 +325,9 @@ def test_experiment_summary_compares_arms_against_the_seed_spread():
 
 
 def test_cli_runs_under_torchrun_with_two_processes(setup, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "QWENVL_PROFILE": "cpu"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
-        "-m",
-        "helpers.grpo",
-        "--out",
-        str(tmp_path / "ddp"),
-        "--sft",
-        str(setup["folder"]),
-        "--steps",
-        "1",
-    ]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = run_two_processes(
+        "helpers.grpo", "--out", str(tmp_path / "ddp"), "--sft", str(setup["folder"]), "--steps", "1"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     saved = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())
     assert saved["world"] == 2 and saved["step"] == 1

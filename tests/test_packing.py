@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from support import tiny_model
 
 from helpers import packing, segment_attention, sft
 from helpers.chat import IGNORE_INDEX
@@ -31,21 +32,6 @@ def samples():
     mixed[1] = make_split("train", 1, seed=3, image_size=56, max_distractors=1, count_range=(1, 2))[0]
     mixed[2] = make_split("train", 1, seed=4, image_size=112)[0]
     return mixed
-
-
-def tiny_model(seed=0):
-    return load_model(
-        config=course_config(
-            text_hidden=64,
-            text_layers=2,
-            text_mlp=128,
-            vision_hidden=32,
-            vision_depth=2,
-            vision_mlp=64,
-            fullatt_block_indexes=(1,),
-        ),
-        seed=seed,
-    )
 
 
 @pytest.fixture(scope="module")

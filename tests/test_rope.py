@@ -35,16 +35,16 @@ def reference(model, ids, image_grid=None, video_grid=None, seconds=None, mask=N
     return model.model.get_rope_index(ids, token_types(ids), image_grid, video_grid, seconds, mask)
 
 
+def rope_args(inputs):
+    """``get_rope_index``'s arguments, in its order, from a processor's outputs."""
+    keys = ("image_grid_thw", "video_grid_thw", "second_per_grid_ts")
+    return (inputs["input_ids"], *(inputs.get(k) for k in keys), inputs["attention_mask"])
+
+
 @pytest.mark.parametrize("case", EXAMPLE_CASES)
 def test_rope_index_equals_model_on_processor_inputs(model, processor, case):
     inputs = example_inputs(processor, case)
-    args = (
-        inputs["input_ids"],
-        inputs.get("image_grid_thw"),
-        inputs.get("video_grid_thw"),
-        inputs.get("second_per_grid_ts"),
-        inputs["attention_mask"],
-    )
+    args = rope_args(inputs)
     mine = rope_index(*args)
     theirs = model.model.get_rope_index(args[0], inputs["mm_token_type_ids"], *args[1:])
     assert torch.equal(mine[0], theirs[0]) and torch.equal(mine[1], theirs[1])
@@ -255,13 +255,7 @@ def test_reference_rule_on_the_docstring_example(model):
 @pytest.mark.parametrize("case", EXAMPLE_CASES)
 def test_reference_rule_on_the_notebook_cases(processor, case):
     inputs = example_inputs(processor, case)
-    args = (
-        inputs["input_ids"],
-        inputs.get("image_grid_thw"),
-        inputs.get("video_grid_thw"),
-        inputs.get("second_per_grid_ts"),
-        inputs["attention_mask"],
-    )
+    args = rope_args(inputs)
     ours, oracle, transformers_rule = rope_index(*args, rule="reference"), reference_oracle(*args), rope_index(*args)
     assert torch.equal(ours[0], oracle[0]) and torch.equal(ours[1], oracle[1])
     # the example video, grid (4, 8, 10) at 1 s per patch: t ids up to start + 6 while max(h, w) / 2 = 5,

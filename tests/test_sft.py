@@ -5,14 +5,12 @@ line under torchrun (2 CPU processes)."""
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from support import run_two_processes, tiny_model
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -36,23 +34,6 @@ def processor():
 @pytest.fixture(scope="module")
 def samples():
     return make_split("train", 24, seed=1, **DATA)
-
-
-def tiny_model(seed=0):
-    from helpers.qwen import load_model
-
-    return load_model(
-        config=course_config(
-            text_hidden=64,
-            text_layers=2,
-            text_mlp=128,
-            vision_hidden=32,
-            vision_depth=2,
-            vision_mlp=64,
-            fullatt_block_indexes=(1,),
-        ),
-        seed=seed,
-    )
 
 
 # --- the collator ----------------------------------------------------------------------------
@@ -355,28 +336,9 @@ def test_bad_training_settings(processor):
 
 def test_torchrun_two_processes(tmp_path):
     out, metrics = tmp_path / "ckpt", tmp_path / "metrics.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "QWENVL_PROFILE": "cpu"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
-        "-m",
-        "helpers.sft",
-        "--profile",
-        "cpu",
-        "--steps",
-        "3",
-        "--no-eval",
-        "--out",
-        str(out),
-        "--metrics",
-        str(metrics),
-    ]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = run_two_processes(
+        "helpers.sft", "--profile", "cpu", "--steps", "3", "--no-eval", "--out", str(out), "--metrics", str(metrics)
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(metrics.read_text())
     assert result["world"] == 2 and result["steps"] == 3 and len(result["loss"]) == 3

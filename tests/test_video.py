@@ -40,6 +40,12 @@ def _random_ele(rng: random.Random) -> dict:
     return ele
 
 
+def decoded_video_inputs(processor, text, frames, metadata):
+    """The processor on frames we decoded ourselves: no sampling by the video processor, pixels capped per frame."""
+    return processor(text=[text], videos=[frames], video_metadata=[metadata], do_sample_frames=False,
+                     cap_pixels_per_frame=True, return_tensors="pt")  # fmt: skip
+
+
 def test_smart_nframes_matches_qwen_vl_utils_on_random_cases():
     rng = random.Random(0)
     raised = 0
@@ -119,14 +125,7 @@ def test_processor_video_outputs(clip, processor):
         {"role": "user", "content": [{"type": "video", "video": "clip.mp4"}, {"type": "text", "text": "What moves?"}]}
     ]
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    out = processor(
-        text=[text],
-        videos=[frames],
-        video_metadata=[metadata],
-        do_sample_frames=False,
-        cap_pixels_per_frame=True,
-        return_tensors="pt",
-    )
+    out = decoded_video_inputs(processor, text, frames, metadata)
     grid = hv.video_grid(*frames.shape[:1], *frames.shape[2:])
     assert out["video_grid_thw"].tolist() == [[grid["grid_t"], grid["grid_h"], grid["grid_w"]]]
     assert out["pixel_values_videos"].shape == (grid["patches"], 3 * 2 * 14 * 14)
@@ -157,14 +156,7 @@ def test_process_vision_info_paths_and_second_per_grid_ts(clip, processor):
     assert inputs["images"] is None and inputs["do_sample_frames"] is False and len(inputs["video_metadata"]) == 1
     out = processor(text=[text], **inputs, cap_pixels_per_frame=True, return_tensors="pt")
     frames, metadata, sample_fps = hv.read_video(clip, fps=2.0)
-    direct = processor(
-        text=[text],
-        videos=[frames],
-        video_metadata=[metadata],
-        do_sample_frames=False,
-        cap_pixels_per_frame=True,
-        return_tensors="pt",
-    )
+    direct = decoded_video_inputs(processor, text, frames, metadata)
     for key in ("input_ids", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
         assert torch.equal(out[key], direct[key]), key
     torch.testing.assert_close(out["second_per_grid_ts"], torch.tensor([2 / sample_fps]))
