@@ -15,8 +15,8 @@ Where this departs from the DeepSeekMath paper (and matches TRL 1.16): the std i
 and ``1e-4`` is added to it; log-probabilities are taken at the sampling temperature; with
 ``num_iterations == 1`` the "old" policy is the current one detached, so the ratio is exactly 1 and
 **clipping never acts** (the gradient is the plain policy gradient). The settings are typed
-(``GRPOSettings``); where the profiles depart from TRL 1.16's ``GRPOConfig`` defaults, the profile
-says so. Simplified against TRL: no vLLM, no entropy masks, one process unless launched with
+(``GRPOSettings``, kept in ``helpers.profiles`` beside the other settings); where the profiles
+depart from TRL 1.16's ``GRPOConfig`` defaults, the profile says so. Simplified against TRL: no vLLM, no entropy masks, one process unless launched with
 ``torchrun`` (then each rank rolls out its own prompts and DDP averages gradients).
 
 Beside the algorithm: ``sft_continuation`` (the compute-matched control every RL claim needs),
@@ -27,105 +27,20 @@ browser live in ``helpers.grpo_plots``; the multi-seed experiment in ``scripts/g
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from helpers import rewards as R
-from helpers.data import TASKS
+from helpers.profiles import LOSS_TYPES, GRPOSettings  # noqa: F401  (GRPOSettings: grpo.GRPOSettings, as before)
+from helpers.rewards import REWARD_FUNCTIONS
 from helpers.rollouts import CompletionLogProbs, Rollout, _unwrap, per_token_logps, sample_completions
-
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-
-# ---------------------------------------------------------------------------------------------
-# Settings
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class GRPOSettings:
-    """One GRPO run's settings, named as in TRL's ``GRPOConfig`` where TRL has the setting.
-
-    TRL 1.16's defaults are ``loss_type="dapo"``, ``beta=0.0``, ``num_generations=8``,
-    ``num_iterations=1``, ``epsilon=0.2``; a profile that departs from them says why."""
-
-    steps: int
-    prompts_per_step: int
-    lr: float
-    n_prompts: int = 1024
-    n_eval: int = 300
-    eval_batch_size: int = 32
-    start_step: int = 150  # the SFT step GRPO starts from (notebook 10 saves it)
-    tasks: tuple = ("grounding",)  # which questions GRPO trains on
-    seeds: tuple = (0, 1, 2)
-    num_generations: int = 8
-    temperature: float = 1.0
-    max_new_tokens: int = 40
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    beta: float = 0.0
-    epsilon: float = 0.2
-    epsilon_high: float | None = None
-    loss_type: str = "dapo"
-    scale_rewards: str = "group"
-    num_iterations: int = 1
-    kl_ratio_correction: bool = True
-    reward_weights: dict = field(default_factory=lambda: {"task": 1.0})
-    bf16: bool = False
-    max_seconds: float | None = None
-    bucket_by_task: bool = False
-    freeze_embeddings: bool = True
-
-    def __post_init__(self):
-        for name in (
-            "steps",
-            "prompts_per_step",
-            "num_generations",
-            "max_new_tokens",
-            "num_iterations",
-            "n_prompts",
-            "eval_batch_size",
-            "start_step",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected an integer ≥ 1")
-        if not 0 < self.lr < 1:
-            raise ValueError(f"lr={self.lr!r}: expected a learning rate in (0, 1)")
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type={self.loss_type!r}: expected one of {LOSS_TYPES}")
-        if self.scale_rewards not in ("group", "none"):
-            raise ValueError(f"scale_rewards={self.scale_rewards!r}: expected 'group' or 'none'")
-        if not self.tasks or set(self.tasks) - set(TASKS):
-            raise ValueError(f"tasks={self.tasks!r}: expected a non-empty subset of {TASKS}")
-        unknown = set(self.reward_weights) - set(REWARD_FUNCTIONS)
-        if unknown:
-            raise ValueError(
-                f"unknown rewards {sorted(unknown)} in reward_weights; accepted: {sorted(REWARD_FUNCTIONS)}"
-            )
-
-    def replace(self, **changes) -> GRPOSettings:
-        """A copy with ``changes`` (validated again)."""
-        return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def from_profile(cls, profile: str | None = None, **changes) -> GRPOSettings:
-        """The ``grpo`` section of the profile in force (``helpers.profiles.settings``), with ``changes``."""
-        from helpers.profiles import settings
-
-        return settings("grpo", profile).replace(**changes)
-
 
 # ---------------------------------------------------------------------------------------------
 # 2–3. Rewards and group-normalised advantages
 # ---------------------------------------------------------------------------------------------
-
-#: reward name → function (TRL convention), the ones the loop sums with ``reward_weights``.
-REWARD_FUNCTIONS: dict[str, Callable] = {"task": R.task_reward, "format": R.format_reward}
 
 
 def compute_rewards(texts: Sequence[str], tasks: Sequence[str], targets: Sequence, weights: dict[str, float]) -> dict:
@@ -472,7 +387,7 @@ def train_prompts(cfg: GRPOSettings, seed: int = 1, profile: str | None = None) 
 
 
 def main(argv=None) -> None:
-    """``python -m helpers.grpo --out DIR [--profile P] [--sft DIR] [--seed S] [--steps N]``: one GRPO run
+    """``python -m helpers.grpo --out DIR [--profile P] [--sft DIR] [--seed S] [--steps N] [--set NAME=VALUE …]``: one GRPO run
     from the SFT start, saved as a checkpoint with its per-step log (under ``torchrun`` it runs DDP).
     The multi-seed comparison with the SFT control is ``scripts/grpo_experiment.py``."""
     import argparse
@@ -484,11 +399,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m helpers.grpo", description=main.__doc__.split(":")[0])
     for flag, kind in (("--out", str), ("--profile", str), ("--sft", str), ("--seed", int), ("--steps", int)):
         parser.add_argument(flag, type=kind, required=flag == "--out", default=0 if flag == "--seed" else None)
+    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="override GRPOSettings fields")
     args = parser.parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = _rank_world()
     cfg = GRPOSettings.from_profile(args.profile, **({"steps": args.steps} if args.steps else {}))
+    cfg = cfg.replace_from_strings(args.set)
     start = Path(args.sft) if args.sft else sft_checkpoint(args.profile, progress=rank == 0)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
     model, processor, _ = load_checkpoint(start, device=device)

@@ -34,8 +34,7 @@ import re
 from typing import Any
 
 from helpers.boxes import iou, parse_grounding
-
-TASKS = ("count", "attribute", "grounding")
+from helpers.data import TASKS  # the three tasks of the course data, defined there
 
 #: Largest count the parser accepts (more digits than this is not an answer to "how many").
 MAX_COUNT_DIGITS = 4
@@ -253,3 +252,8 @@ def think_format_reward(completions, task=None, target=None, **kwargs) -> list[f
     return _per_completion(
         lambda t, text, y: float(_R1_FORMAT.fullmatch(text) is not None), completions, task, target, needs=()
     )
+
+
+#: reward name → function (TRL's convention: ``f(completions, **columns) -> list[float]``), the ones
+#: ``helpers.grpo`` sums with ``GRPOSettings.reward_weights`` and hands to TRL's ``GRPOTrainer``.
+REWARD_FUNCTIONS = {"task": task_reward, "format": format_reward}

@@ -14,6 +14,7 @@ grounding test questions: mean reward of G samples and best-of-G (``helpers.roll
 steps of our loop, so the two reward curves can be compared.
 
     python scripts/grpo_experiment.py --out assets/results/grpo_cpu [--profile cpu] [--steps 30] [--jobs 2]
+        [--set temperature=1.0 lr=2e-4 …]   (any GRPOSettings field, typed as in the profile)
 
 Writes ``experiment.json`` and ``experiment.png`` into ``--out``.
 """
@@ -35,7 +36,9 @@ from jobs import run_jobs  # noqa: E402  (scripts/jobs.py)
 ARMS = ("start", "sft", "grpo")
 
 
-def run_seed(profile: str, seed: int, steps: int | None, n_eval: int | None, trl_steps: int) -> dict:
+def run_seed(
+    profile: str, seed: int, steps: int | None, n_eval: int | None, trl_steps: int, overrides: list[str] = ()
+) -> dict:
     """Both arms of one seed, scored beside the start (one process, one thread on a CPU)."""
     import torch
 
@@ -47,7 +50,7 @@ def run_seed(profile: str, seed: int, steps: int | None, n_eval: int | None, trl
     from helpers.profiles import settings
     from helpers.rollouts import best_of_g
 
-    cfg = grpo.GRPOSettings.from_profile(profile, **({"steps": steps} if steps else {}))
+    cfg = grpo.GRPOSettings.from_profile(profile, **({"steps": steps} if steps else {})).replace_from_strings(overrides)
     n_eval = n_eval or cfg.n_eval
     start = sft_checkpoint(profile, progress=False)
     prompts = grpo.train_prompts(cfg, profile=profile)
@@ -107,6 +110,73 @@ def trl_route(start, prompts, cfg, steps: int) -> dict:
         "ours_seconds": round(ours_seconds, 1),
         "trl_seconds": round(trl_seconds, 1),
     }
+
+
+def rerun_trl_route(path: Path, cfg, args, argv) -> None:
+    """``--trl-only``: the TRL route of seed 0 again (``--trl-steps`` steps each), written into an existing
+    experiment file beside the rest, with its own command, date and wall time."""
+    import torch
+
+    from helpers import grpo
+    from helpers.checkpoints import sft_checkpoint
+
+    if args.trl_steps < 1 or not path.is_file():
+        raise SystemExit(f"--trl-only needs --trl-steps ≥ 1 (got {args.trl_steps}) and an experiment file at {path}")
+    torch.set_num_threads(int(os.environ.get("EXPERIMENT_THREADS", "1")))
+    experiment = json.loads(path.read_text())
+    started = time.perf_counter()
+    route = trl_route(sft_checkpoint(args.profile), grpo.train_prompts(cfg, profile=args.profile), cfg, args.trl_steps)
+    experiment["runs"][0]["trl_route"] = route
+    experiment["meta"]["trl_route"] = {
+        "command": "python scripts/grpo_experiment.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    staged = path.with_suffix(".json.tmp")
+    staged.write_text(json.dumps(experiment, indent=1))
+    staged.replace(path)  # whole or not at all
+    print(f"TRL route, {args.trl_steps} steps: written into {path}")
+
+
+def greedy_trajectory(path: Path, cfg, args, argv) -> None:
+    """``--trajectory K``: one GRPO run (seed 0, ``cfg.steps`` steps) with the greedy IoU of the test grounding
+    questions measured at the start and every K steps, beside the rollouts' mean reward: what the
+    end-of-run scores hide (greedy decoding draws no random numbers, so the run is the one without probes)."""
+    import torch
+
+    from helpers import grpo
+    from helpers.checkpoints import load_checkpoint, sft_checkpoint
+    from helpers.data import make_split
+    from helpers.evaluation import evaluate
+    from helpers.profiles import settings
+
+    torch.set_num_threads(int(os.environ.get("EXPERIMENT_THREADS", "1")))
+    model, processor, _ = load_checkpoint(sft_checkpoint(args.profile, progress=False))
+    split = make_split("test", args.eval or cfg.n_eval, 0, **settings("sft", args.profile).data)
+    questions = [s for s in split if s.task in cfg.tasks]
+    points = [{"step": 0, "greedy": evaluate(model, processor, questions)["grounding"]["score"], "reward": None}]
+
+    def probe(step, log, rollout, advantages):
+        if (step + 1) % args.trajectory == 0:
+            score = evaluate(model, processor, questions)["grounding"]["score"]
+            points.append({"step": step + 1, "greedy": score, "reward": log["reward"]})
+            print(f"step {step + 1}: greedy IoU {score:.3f}", flush=True)
+
+    started = time.perf_counter()
+    grpo.train(
+        model, processor, grpo.train_prompts(cfg, profile=args.profile), cfg, seed=0, progress=False, on_step=probe
+    )
+    meta = {
+        "command": "python scripts/grpo_experiment.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "n": len(questions),
+        "settings": json.loads(json.dumps(cfg.__dict__, default=list)),
+    }
+    staged = path.with_suffix(".json.tmp")
+    staged.write_text(json.dumps({"meta": meta, "points": points}, indent=1))
+    staged.replace(path)
+    print(f"wrote {path}")
 
 
 def summarise(runs: list[dict]) -> dict:
@@ -176,16 +246,31 @@ def main(argv=None) -> None:
     parser.add_argument("--eval", type=int, default=None, help="questions per split (default: the profile's n_eval)")
     parser.add_argument("--trl-steps", type=int, default=0, help="TRL route steps on seed 0 (0: skip)")
     parser.add_argument("--jobs", type=int, default=2, help="seeds run at once (one thread each on a CPU)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="override GRPOSettings fields")
+    parser.add_argument(
+        "--trl-only", action="store_true", help="rerun only the TRL route (--trl-steps) into --out's experiment.json"
+    )
+    parser.add_argument(
+        "--trajectory", type=int, default=0, metavar="K", help="seed 0 only: greedy test IoU every K GRPO steps"
+    )
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one seed, print JSON
     args = parser.parse_args(argv)
     if args.one is not None:
         print(
-            "RESULT " + json.dumps(run_seed(args.profile, args.one, args.steps, args.eval, args.trl_steps)), flush=True
+            "RESULT " + json.dumps(run_seed(args.profile, args.one, args.steps, args.eval, args.trl_steps, args.set)),
+            flush=True,
         )
         return
     from helpers.grpo import GRPOSettings
 
     cfg = GRPOSettings.from_profile(args.profile, **({"steps": args.steps} if args.steps else {}))
+    cfg = cfg.replace_from_strings(args.set)
+    if args.trl_only:
+        rerun_trl_route(Path(args.out) / "experiment.json", cfg, args, argv)
+        return
+    if args.trajectory:
+        greedy_trajectory(Path(args.out) / "trajectory.json", cfg, args, argv)
+        return
     seeds = args.seeds or list(cfg.seeds)
     if args.jobs < 1 or (args.eval is not None and args.eval < 3):
         raise SystemExit(f"--jobs={args.jobs} must be ≥ 1 and --eval={args.eval} ≥ 3")
@@ -197,6 +282,7 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     flags = ["--profile", args.profile, "--trl-steps", str(args.trl_steps)]
     flags += (["--steps", str(args.steps)] if args.steps else []) + (["--eval", str(args.eval)] if args.eval else [])
+    flags += ["--set", *args.set] if args.set else []
 
     def report(seed, run):
         print(

@@ -161,7 +161,7 @@ def test_our_loss_equals_trl_grpo_trainer_compute_loss(setup, tmp_path, mode):
         trainer = grpo_trl.trl_trainer(
             setup["folder"], processor, setup["samples"], settings, tmp_path / str(i), dtype=dtype
         )
-        logps = rollouts.per_token_logps(ours, ro)
+        logps = rollouts.per_token_logps(ours, ro, settings.temperature)  # TRL divides by it too
         if mode == "maths":
             shared = logps.detach().requires_grad_(True)
             trainer._get_per_token_logps_and_entropies = lambda *a, shared=shared, **k: (
@@ -324,13 +324,41 @@ def test_experiment_summary_compares_arms_against_the_seed_spread():
     assert table["grpo_gain_beats_spread"] and table["grpo_vs_sft"] == pytest.approx(0.31 - 1.27 / 3)
 
 
+def test_experiment_trl_only_refuses_a_missing_file_or_no_steps(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from grpo_experiment import main
+
+    for flags in (["--trl-steps", "0"], ["--trl-steps", "2"]):  # no steps; no experiment.json in tmp_path
+        with pytest.raises(SystemExit, match="--trl-only needs --trl-steps"):
+            main(["--out", str(tmp_path), "--trl-only", *flags])
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
 def test_cli_runs_under_torchrun_with_two_processes(setup, tmp_path):
+    small = ["prompts_per_step=2", "num_generations=2", "max_new_tokens=6", "n_prompts=8"]  # the DDP path, not scale
     done = run_two_processes(
-        "helpers.grpo", "--out", str(tmp_path / "ddp"), "--sft", str(setup["folder"]), "--steps", "1"
+        "helpers.grpo", "--out", str(tmp_path / "ddp"), "--sft", str(setup["folder"]), "--steps", "1", "--set", *small
     )
     assert done.returncode == 0, done.stderr[-3000:]
     saved = json.loads((tmp_path / "ddp" / "trainer_state.json").read_text())
     assert saved["world"] == 2 and saved["step"] == 1
+    assert saved["history"][0]["completion_length"] <= 6
+
+
+def test_settings_from_the_command_line_are_typed_and_checked():
+    cfg = grpo.GRPOSettings.from_profile("cpu")
+    changed = cfg.replace_from_strings(["temperature=1", "steps=3", "loss_type=grpo", "bf16=true"])
+    assert (changed.temperature, changed.steps, changed.loss_type, changed.bf16) == (1.0, 3, "grpo", True)
+    assert isinstance(changed.temperature, float) and isinstance(changed.steps, int)
+    for bad, named in (
+        (["steps=two"], "cannot be read as int"),
+        (["colour=red"], "name one of"),
+        (["steps"], "name=value"),
+    ):
+        with pytest.raises(ValueError, match=named):
+            cfg.replace_from_strings(bad)
+    with pytest.raises(ValueError, match="steps=0"):
+        cfg.replace_from_strings(["steps=0"])
 
 
 def test_bucketing_by_task_gives_the_same_greedy_answers(setup):
