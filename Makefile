@@ -1,7 +1,7 @@
 # The course's two commands (see README.md):
 #   make lab    set everything up into .venv/ (if needed) and open the course in JupyterLab
 #   make test   set everything up (if needed), lint, and run every test: unit tests, every notebook once
-#               (nbval), every widget in JupyterLab in Chromium (the browser suite)
+#               (nbval), every widget in JupyterLab in Chromium (the browser suite); see the target below
 # Set-up is redone only when requirements.txt, requirements-dev.txt or pyproject.toml change.
 
 PYTHON ?= python3.11
@@ -34,13 +34,19 @@ $(DEV_STAMP): $(STAMP) requirements-dev.txt
 lab: setup
 	$(VENV)/bin/jupyter lab $(ROOT_FLAG) notebooks/
 
-# Lint (ruff: the rules and why are in pyproject.toml) and the format check, then one pytest session:
-# unit tests, every notebook executed once by nbval, then the browser suite (tests/browser/: each
-# notebook's widget cells in JupyterLab in Debian's chromium; chromium comes from apt, never
-# `playwright install`).
+# Lint (ruff: the rules and why are in pyproject.toml) and the format check, then two pytest sessions:
+# 1. the unit tests and the light notebooks 00-09 (nbval), two at a time (pytest-xdist; one torch
+#    thread each, so the two never wait on each other's threads);
+# 2. one at a time, with every core: the training notebooks 10-13 (11 starts from the checkpoint 10
+#    saved in the session's cache), then the browser suite (tests/browser/: each notebook's widget
+#    cells in JupyterLab in Debian's chromium; chromium comes from apt, never `playwright install`).
+# Every notebook is executed once, by nbval.
+NBVAL := --nbval-lax --nbval-current-env
 test: $(DEV_STAMP) lint
 	@test -x /usr/bin/chromium || { apt-get update && apt-get install -y chromium; }
-	$(PY) -m pytest tests notebooks --nbval-lax --nbval-current-env --durations=15 $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks/0[0-9]_*.ipynb --ignore=tests/browser -n 2 --dist loadfile \
+		$(NBVAL) --durations=10 $(PYTEST_ARGS)
+	$(PY) -m pytest notebooks/1[0-9]_*.ipynb tests/browser $(NBVAL) --durations=10 $(PYTEST_ARGS)
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check helpers scripts tests conftest.py
