@@ -16,8 +16,9 @@ and ``1e-4`` is added to it; log-probabilities are taken at the sampling tempera
 ``num_iterations == 1`` the "old" policy is the current one detached, so the ratio is exactly 1 and
 **clipping never acts** (the gradient is the plain policy gradient). The settings are typed
 (``GRPOSettings``, kept in ``helpers.profiles`` beside the other settings); where the profiles
-depart from TRL 1.16's ``GRPOConfig`` defaults, the profile says so. Simplified against TRL: no vLLM, no entropy masks, one process unless launched with
-``torchrun`` (then each rank rolls out its own prompts and DDP averages gradients).
+depart from TRL 1.16's ``GRPOConfig`` defaults, the profile says so. Simplified against TRL: no
+vLLM, no entropy masks, one process unless launched with ``torchrun`` (then each rank rolls out its
+own prompts and DDP averages gradients).
 
 Beside the algorithm: ``sft_continuation`` (the compute-matched control every RL claim needs),
 ``best_of_g`` (pass@1 against best-of-G), the SFT start (``sft_checkpoint``). Figures and the rollout
@@ -387,8 +388,8 @@ def train_prompts(cfg: GRPOSettings, seed: int = 1, profile: str | None = None) 
 
 
 def main(argv=None) -> None:
-    """``python -m helpers.grpo --out DIR [--profile P] [--sft DIR] [--seed S] [--steps N] [--set NAME=VALUE …]``: one GRPO run
-    from the SFT start, saved as a checkpoint with its per-step log (under ``torchrun`` it runs DDP).
+    """``python -m helpers.grpo --out DIR [--profile P] [--sft DIR] [--seed S] [--steps N] [--set NAME=VALUE …]``:
+    one GRPO run from the SFT start, saved as a checkpoint with its per-step log (under ``torchrun`` it runs DDP).
     The multi-seed comparison with the SFT control is ``scripts/grpo_experiment.py``."""
     import argparse
     import json

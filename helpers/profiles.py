@@ -119,6 +119,7 @@ class CheckpointSettings:
 
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # TRL 1.16's loss types (helpers.grpo.grpo_loss)
+_BOOLEAN_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}  # --set bf16=…
 
 
 @dataclass(frozen=True)
@@ -202,10 +203,13 @@ class GRPOSettings:
                     f.name for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), (int, float, str))
                 )
                 raise ValueError(f"--set {pair!r}: expected name=value with name one of {settable}")
+            if isinstance(current, bool):
+                if text.lower() not in _BOOLEAN_WORDS:
+                    raise ValueError(f"--set {pair!r}: {text!r} is not a bool; accepted: {sorted(_BOOLEAN_WORDS)}")
+                changes[name] = _BOOLEAN_WORDS[text.lower()]
+                continue
             try:
-                changes[name] = (
-                    (text.lower() in ("1", "true", "yes")) if isinstance(current, bool) else type(current)(text)
-                )
+                changes[name] = type(current)(text)
             except ValueError:
                 raise ValueError(f"--set {pair!r}: {text!r} cannot be read as {type(current).__name__}") from None
         return self.replace(**changes)

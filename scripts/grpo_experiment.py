@@ -36,13 +36,36 @@ from jobs import run_jobs  # noqa: E402  (scripts/jobs.py)
 ARMS = ("start", "sft", "grpo")
 
 
+def _one_thread_each() -> None:
+    """Each process of the experiment on ``$EXPERIMENT_THREADS`` torch threads (1: jobs share the cores)."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("EXPERIMENT_THREADS", "1")))
+
+
+def _provenance(argv, started: float) -> dict:
+    """What every file this script writes records: the command that made it, the date, the wall time."""
+    return {
+        "command": "python scripts/grpo_experiment.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """``data`` into ``path`` whole or not at all (a staged file, then a rename)."""
+    staged = path.with_suffix(".json.tmp")
+    staged.write_text(json.dumps(data, indent=1))
+    staged.replace(path)
+
+
 def run_seed(
-    profile: str, seed: int, steps: int | None, n_eval: int | None, trl_steps: int, overrides: list[str] = ()
+    profile: str, seed: int, steps: int | None, n_eval: int | None, trl_steps: int, overrides: tuple[str, ...] = ()
 ) -> dict:
     """Both arms of one seed, scored beside the start (one process, one thread on a CPU)."""
     import torch
 
-    torch.set_num_threads(int(os.environ.get("EXPERIMENT_THREADS", "1")))
+    _one_thread_each()
     from helpers import grpo
     from helpers.checkpoints import load_checkpoint, sft_checkpoint
     from helpers.data import make_split
@@ -115,26 +138,18 @@ def trl_route(start, prompts, cfg, steps: int) -> dict:
 def rerun_trl_route(path: Path, cfg, args, argv) -> None:
     """``--trl-only``: the TRL route of seed 0 again (``--trl-steps`` steps each), written into an existing
     experiment file beside the rest, with its own command, date and wall time."""
-    import torch
-
     from helpers import grpo
     from helpers.checkpoints import sft_checkpoint
 
     if args.trl_steps < 1 or not path.is_file():
         raise SystemExit(f"--trl-only needs --trl-steps ≥ 1 (got {args.trl_steps}) and an experiment file at {path}")
-    torch.set_num_threads(int(os.environ.get("EXPERIMENT_THREADS", "1")))
+    _one_thread_each()
     experiment = json.loads(path.read_text())
     started = time.perf_counter()
     route = trl_route(sft_checkpoint(args.profile), grpo.train_prompts(cfg, profile=args.profile), cfg, args.trl_steps)
     experiment["runs"][0]["trl_route"] = route
-    experiment["meta"]["trl_route"] = {
-        "command": "python scripts/grpo_experiment.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d"),
-        "wall_seconds": round(time.perf_counter() - started, 1),
-    }
-    staged = path.with_suffix(".json.tmp")
-    staged.write_text(json.dumps(experiment, indent=1))
-    staged.replace(path)  # whole or not at all
+    experiment["meta"]["trl_route"] = _provenance(argv, started)
+    _write_json(path, experiment)
     print(f"TRL route, {args.trl_steps} steps: written into {path}")
 
 
@@ -142,15 +157,13 @@ def greedy_trajectory(path: Path, cfg, args, argv) -> None:
     """``--trajectory K``: one GRPO run (seed 0, ``cfg.steps`` steps) with the greedy IoU of the test grounding
     questions measured at the start and every K steps, beside the rollouts' mean reward: what the
     end-of-run scores hide (greedy decoding draws no random numbers, so the run is the one without probes)."""
-    import torch
-
     from helpers import grpo
     from helpers.checkpoints import load_checkpoint, sft_checkpoint
     from helpers.data import make_split
     from helpers.evaluation import evaluate
-    from helpers.profiles import settings
+    from helpers.profiles import as_plain, settings
 
-    torch.set_num_threads(int(os.environ.get("EXPERIMENT_THREADS", "1")))
+    _one_thread_each()
     model, processor, _ = load_checkpoint(sft_checkpoint(args.profile, progress=False))
     split = make_split("test", args.eval or cfg.n_eval, 0, **settings("sft", args.profile).data)
     questions = [s for s in split if s.task in cfg.tasks]
@@ -166,16 +179,8 @@ def greedy_trajectory(path: Path, cfg, args, argv) -> None:
     grpo.train(
         model, processor, grpo.train_prompts(cfg, profile=args.profile), cfg, seed=0, progress=False, on_step=probe
     )
-    meta = {
-        "command": "python scripts/grpo_experiment.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d"),
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "n": len(questions),
-        "settings": json.loads(json.dumps(cfg.__dict__, default=list)),
-    }
-    staged = path.with_suffix(".json.tmp")
-    staged.write_text(json.dumps({"meta": meta, "points": points}, indent=1))
-    staged.replace(path)
+    meta = {**_provenance(argv, started), "n": len(questions), "settings": as_plain(cfg)}
+    _write_json(path, {"meta": meta, "points": points})
     print(f"wrote {path}")
 
 
@@ -303,16 +308,16 @@ def main(argv=None) -> None:
     import torch
     import transformers
 
+    from helpers.profiles import as_plain
+
     meta = {
-        "command": "python scripts/grpo_experiment.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "date": time.strftime("%Y-%m-%d"),
+        **_provenance(argv, started),
         "machine": f"{os.cpu_count()} CPU cores, {args.jobs} jobs of one thread",
-        "wall_seconds": round(time.perf_counter() - started, 1),
-        "settings": json.loads(json.dumps(cfg.__dict__, default=list)),
+        "settings": as_plain(cfg),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
     summary = summarise(ordered)
-    (out / "experiment.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": ordered}, indent=1))
+    _write_json(out / "experiment.json", {"meta": meta, "summary": summary, "runs": ordered})
     plot(summary, ordered, out / "experiment.png")
     print(f"wrote {out / 'experiment.json'} and {out / 'experiment.png'}")
 

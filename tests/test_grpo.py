@@ -348,12 +348,14 @@ def test_cli_runs_under_torchrun_with_two_processes(setup, tmp_path):
 def test_settings_from_the_command_line_are_typed_and_checked():
     cfg = grpo.GRPOSettings.from_profile("cpu")
     changed = cfg.replace_from_strings(["temperature=1", "steps=3", "loss_type=grpo", "bf16=true"])
+    assert cfg.replace(bf16=True).replace_from_strings(["bf16=no"]).bf16 is False
     assert (changed.temperature, changed.steps, changed.loss_type, changed.bf16) == (1.0, 3, "grpo", True)
     assert isinstance(changed.temperature, float) and isinstance(changed.steps, int)
     for bad, named in (
         (["steps=two"], "cannot be read as int"),
         (["colour=red"], "name one of"),
         (["steps"], "name=value"),
+        (["bf16=maybe"], "is not a bool; accepted"),
     ):
         with pytest.raises(ValueError, match=named):
             cfg.replace_from_strings(bad)
