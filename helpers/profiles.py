@@ -228,8 +228,9 @@ PROFILES: dict[str, dict[str, object]] = {
         "course": CourseSettings(device="cpu", dtype="float32"),
         "grpo": {  # helpers.grpo.GRPOSettings / notebooks/11_grpo.ipynb (the live seed)
             # start from notebook 10's SFT run stopped at step 250 of 300, just after grounding emerged:
-            # greedy boxes mostly right, sampled ones right about half the time, the best of 8 nearly always
-            # (one probe run: greedy IoU 0.75, mean of 8 samples 0.43, best of 8 1.0); at step 150 the
+            # greedy boxes right half the time or more, sampled ones less often, the best of 8 nearly always
+            # (a probe run: greedy IoU 0.75, mean of 8 samples 0.43, best of 8 1.0; the committed start:
+            # 0.535, 0.35–0.39, 0.93–0.98, assets/results/grpo_cpu); at step 150 the
             # boxes were at chance and GRPO did not beat its seed spread (closing note of issue 12).
             # Grounding prompts only, so every group carries signal.
             "start_step": 250, "tasks": ("grounding",), "seeds": (0, 1, 2),
