@@ -273,6 +273,8 @@ def main(argv=None) -> None:
     if args.trl_only:
         rerun_trl_route(Path(args.out) / "experiment.json", cfg, args, argv)
         return
+    if args.trajectory < 0:
+        raise SystemExit(f"--trajectory={args.trajectory}: expected K ≥ 1 (every K steps), or 0 for no trajectory")
     if args.trajectory:
         greedy_trajectory(Path(args.out) / "trajectory.json", cfg, args, argv)
         return

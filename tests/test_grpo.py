@@ -324,13 +324,15 @@ def test_experiment_summary_compares_arms_against_the_seed_spread():
     assert table["grpo_gain_beats_spread"] and table["grpo_vs_sft"] == pytest.approx(0.31 - 1.27 / 3)
 
 
-def test_experiment_trl_only_refuses_a_missing_file_or_no_steps(tmp_path):
+def test_experiment_modes_refuse_bad_arguments_and_write_nothing(tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     from grpo_experiment import main
 
     for flags in (["--trl-steps", "0"], ["--trl-steps", "2"]):  # no steps; no experiment.json in tmp_path
         with pytest.raises(SystemExit, match="--trl-only needs --trl-steps"):
             main(["--out", str(tmp_path), "--trl-only", *flags])
+    with pytest.raises(SystemExit, match="--trajectory=-4: expected K ≥ 1"):
+        main(["--out", str(tmp_path), "--trajectory", "-4"])
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
