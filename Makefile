@@ -40,8 +40,10 @@ lab: setup
 # 2. one at a time, with every core: the training notebooks 10-13 (11 starts from the checkpoint 10
 #    saved in the session's cache), then the browser suite (tests/browser/: each notebook's widget
 #    cells in JupyterLab in Debian's chromium; chromium comes from apt, never `playwright install`).
-# Every notebook is executed once, by nbval.
-NBVAL := --nbval-lax --nbval-current-env
+# Every notebook is executed once, by nbval. The cell timeout is an hour, not nbval's 2,000 s: on a machine
+# shared with other CPU-bound work, torch's two threads can wait on each other for a scheduler slice at every
+# parallel region, and the longest training cell (93 s quiet) has been seen to slow 20x there.
+NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=3600
 test: $(DEV_STAMP) lint
 	@test -x /usr/bin/chromium || { apt-get update && apt-get install -y chromium; }
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks/0[0-9]_*.ipynb --ignore=tests/browser -n 2 --dist loadfile \
