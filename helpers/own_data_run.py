@@ -23,11 +23,12 @@ from types import SimpleNamespace
 import torch
 
 from helpers import own_data
+from helpers.constants import TOKEN_PIXELS
 from helpers.plots import COLOURS, new_figure
 from helpers.widgets import View, register_widget
 
 #: Image budget for the course model (16 visual tokens at most): the demo images keep their size.
-COURSE_MAX_PIXELS = 112 * 112
+COURSE_MAX_PIXELS = 16 * TOKEN_PIXELS
 #: Share of train rows held out when a dataset has no test.jsonl.
 HOLD_OUT = 0.2
 
@@ -131,7 +132,7 @@ def finetune(
     r = own_recipe(profile, start)
     net, processor = recipes.model_for_profile(profile, model=start)
     if max_pixels or is_course_model(start):
-        processor = load_processor(start, min_pixels=28 * 28, max_pixels=max_pixels or COURSE_MAX_PIXELS)
+        processor = load_processor(start, min_pixels=TOKEN_PIXELS, max_pixels=max_pixels or COURSE_MAX_PIXELS)
     d = load_data(data, processor, max_length, cache_dir, r.seed)
     before = {"loss": mean_loss(net, processor, d["test"]), "scores": scores(net, processor, d["test"])}
     t0 = time.perf_counter()
@@ -264,7 +265,7 @@ def _default_browse() -> None:
     folder = cache_dir() / "own_data_demo"
     if not (folder / "test.jsonl").is_file():
         own_data.write_demo_dataset(folder)
-    processor = load_processor(min_pixels=28 * 28, max_pixels=COURSE_MAX_PIXELS)
+    processor = load_processor(min_pixels=TOKEN_PIXELS, max_pixels=COURSE_MAX_PIXELS)
     rows = own_data.read_rows(folder, cache_dir=cache_dir() / "datasets")
     browse_data(folder, processor, rows, {s: own_data.validate(r, folder, processor, split=s) for s, r in rows.items()})
 

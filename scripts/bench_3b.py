@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers.chat import IGNORE_INDEX
+from helpers.constants import FACTOR
 from helpers.packing import pack_items, pack_lengths, synthetic_item
 from helpers.segment_attention import BACKENDS, VARLEN_FAILED, register_text_attention, use_segment_attention
 from helpers.vision_tower import window_index
@@ -72,7 +73,7 @@ def packed_rows(shape: dict, rows: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     pool = []
     while sum(len(it["input_ids"]) for it in pool) < 1.3 * rows * shape["budget"]:
-        side = [int(rng.uniform(*shape["side"]) // 28 * 28) for _ in range(2)]
+        side = [int(rng.uniform(*shape["side"]) // FACTOR * FACTOR) for _ in range(2)]
         pool.append(synthetic_item(rng, int(rng.uniform(*shape["text"])), side, float(rng.uniform(*shape["labelled"]))))
     bins = pack_lengths([len(it["input_ids"]) for it in pool], shape["budget"])
     bins = sorted(bins, key=lambda b: -sum(len(pool[i]["input_ids"]) for i in b))[:rows]
