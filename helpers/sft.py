@@ -95,6 +95,19 @@ def encode_samples(
     return items
 
 
+#: The keys of an encoded item that hold one entry per token.
+PER_TOKEN_KEYS = ("input_ids", "labels", "mm_token_type_ids")
+
+
+def truncate_item(item: dict, max_length: int) -> dict:
+    """``item`` with every per-token field cut to its first ``max_length`` tokens: what TRL's
+    ``DataCollatorForVisionLanguageModeling(max_length=...)`` gets from the processor's
+    ``truncation=True``. Pixels are kept whole, so ``check_batch`` can say what the cut broke."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length={max_length!r}: expected an integer ≥ 1")
+    return {**item, **{key: item[key][:max_length] for key in PER_TOKEN_KEYS}}
+
+
 def pad_batch(items: list[dict], pad_id: int = PAD_ID, side: str = "right") -> dict:
     """Stack encoded items into one batch, padding ``input_ids`` with ``pad_id`` and ``labels`` with
     ``IGNORE_INDEX`` on ``side`` ("right" for training, "left" for generation)."""

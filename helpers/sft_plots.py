@@ -15,7 +15,7 @@ from helpers.plots import COLOURS, new_figure
 from helpers.profiles import settings
 from helpers.qwen import load_processor
 from helpers.rewards import parse_answer, score
-from helpers.sft import IMAGE_PAD, check_batch, encode_samples, pad_batch
+from helpers.sft import IMAGE_PAD, check_batch, encode_samples, pad_batch, truncate_item
 from helpers.tokenizer import SPECIAL_TOKENS
 from helpers.widgets import View, register_widget
 
@@ -154,7 +154,7 @@ def batch_view(row: int = 0, max_length: int = 0) -> View:
         )
     item = dict(cache["items"][row])
     if max_length:
-        item = {**item, "input_ids": item["input_ids"][:max_length], "labels": item["labels"][:max_length]}
+        item = truncate_item(item, max_length)
     batch = pad_batch([item])
     kinds = token_kinds(batch)[0].tolist()
     colours = [COLOURS["text"], COLOURS["special"], COLOURS["image"], COLOURS["loss"], "#999999"]

@@ -53,6 +53,18 @@ def register_widget(notebook: str, defaults: dict, variations: list[dict]):
     return decorate
 
 
+def load_registry() -> dict[str, RegisteredWidget]:
+    """Import every ``helpers`` module, so that each registers its widgets; return the registry."""
+    import importlib
+    import pkgutil
+
+    import helpers
+
+    for module in pkgutil.walk_packages(helpers.__path__, "helpers."):
+        importlib.import_module(module.name)
+    return REGISTRY
+
+
 def render(view: View) -> tuple[str, bytes | None]:
     """The finished output of a view: its HTML and the PNG of its figure."""
     html = view.html or (f"<pre>{view.text}</pre>" if view.text else "")
@@ -89,9 +101,9 @@ def show(update: Callable[..., View], **controls):
     output = widgets.Output()
 
     def refresh(**values):
-        html, png = render(update(**values))
         output.clear_output(wait=True)
-        with output:
+        with output:  # an update that raises shows its traceback here, where the reader looks (and the browser suite)
+            html, png = render(update(**values))
             if html:
                 display(HTML(html))
             if png is not None:

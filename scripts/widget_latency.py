@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib
 import os
-import pkgutil
 import platform
 import statistics
 import sys
@@ -37,16 +35,6 @@ MEDIAN_TARGET_MS, WORST_TARGET_MS = 150.0, 400.0
 os.environ.setdefault("QWENVL_BLOCK_NETWORK", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 sys.path.insert(0, str(REPO))
-
-
-def load_registry() -> dict:
-    """Import every helpers module so that each registers its widgets; return the registry."""
-    import helpers
-    from helpers.widgets import REGISTRY
-
-    for module in pkgutil.walk_packages(helpers.__path__, "helpers."):
-        importlib.import_module(module.name)
-    return REGISTRY
 
 
 def time_widget(widget, repeats: int) -> dict:
@@ -185,6 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         f" {a}" for a in (argv if argv is not None else sys.argv[1:])
     )
     load = os.getloadavg()
+
+    from helpers.widgets import load_registry
 
     registry = load_registry()
     if not args.no_gc_freeze:

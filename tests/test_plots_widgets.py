@@ -33,6 +33,20 @@ def test_registered_widget_renders_html_and_png():
     del widgets.REGISTRY[f"{__name__}.square"]
 
 
+def test_every_registered_widget_renders_its_defaults_and_variations():
+    """What the browser suite's slider moves reach, without a browser: every course widget, at its
+    defaults and at each registered variation, renders a view instead of raising (a variation may be a
+    refusal on purpose, which is a view too; the defaults never are)."""
+    registry = widgets.load_registry()
+    assert {entry.notebook for entry in registry.values()} >= {"01_chat_template", "02_smart_resize", "10_sft"}
+    for name, entry in registry.items():
+        for number, controls in enumerate([entry.defaults] + [{**entry.defaults, **v} for v in entry.variations]):
+            view = entry.update(**controls)
+            html, png = widgets.render(view)
+            assert html or png, (name, controls)
+            assert number > 0 or "error" not in view.data, (name, view.data.get("error"))
+
+
 def test_show_builds_controls_and_refreshes(monkeypatch):
     import ipywidgets
 

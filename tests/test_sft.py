@@ -307,6 +307,20 @@ def test_truncated_answer_raises(processor, samples):
         sft.SFTCollator(processor, max_length=first_answer_token)(samples[:3])
 
 
+def test_truncate_item_cuts_every_per_token_field_as_the_processor_does(processor, samples):
+    (item,) = sft.encode_samples(processor, samples[:1])
+    cut = sft.truncate_item(item, 12)
+    (theirs,) = sft.encode_samples(processor, samples[:1], max_length=12)  # the processor's ids and types, cut
+    assert all(len(cut[key]) == 12 for key in sft.PER_TOKEN_KEYS)
+    assert torch.equal(cut["input_ids"], theirs["input_ids"]) and torch.equal(
+        cut["mm_token_type_ids"], theirs["mm_token_type_ids"]
+    )
+    assert cut["pixel_values"] is item["pixel_values"] and len(item["input_ids"]) > 12  # the original is untouched
+    sft.pad_batch([cut])  # the field it used to miss (mm_token_type_ids) no longer breaks the batch
+    with pytest.raises(ValueError, match=r"max_length=0: expected an integer ≥ 1"):
+        sft.truncate_item(item, 0)
+
+
 def test_bad_checkpoint_dirs(processor, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         checkpoints.load_checkpoint(tmp_path / "nope")
