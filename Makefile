@@ -35,20 +35,23 @@ lab: setup
 	$(VENV)/bin/jupyter lab $(ROOT_FLAG) notebooks/
 
 # Lint (ruff: the rules and why are in pyproject.toml) and the format check, then two pytest sessions:
-# 1. the unit tests and the light notebooks 00-09 (nbval), two at a time (pytest-xdist; one torch
-#    thread each, so the two never wait on each other's threads);
+# 1. the unit tests, the light notebooks 00-09 (nbval) and their widgets in the browser suite, two at a
+#    time (pytest-xdist; one torch thread each, so the two never wait on each other's threads). The
+#    browser suite (tests/browser/: each notebook's widget cells in JupyterLab in Debian's chromium;
+#    chromium comes from apt, never `playwright install`) goes first, on one worker: it mostly waits on
+#    the page and the kernel, so the other worker's tests fill the time;
 # 2. one at a time, with every core: the training notebooks 10-13 (11 starts from the checkpoint 10
-#    saved in the session's cache), then the browser suite (tests/browser/: each notebook's widget
-#    cells in JupyterLab in Debian's chromium; chromium comes from apt, never `playwright install`).
+#    saved in the session's cache), then their widgets in the browser suite.
 # Every notebook is executed once, by nbval. The cell timeout is an hour, not nbval's 2,000 s: on a machine
 # shared with other CPU-bound work, torch's two threads can wait on each other for a scheduler slice at every
 # parallel region, and the longest training cell (93 s quiet) has been seen to slow 20x there.
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=3600
 test: $(DEV_STAMP) lint
 	@test -x /usr/bin/chromium || { apt-get update && apt-get install -y chromium; }
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks/0[0-9]_*.ipynb --ignore=tests/browser -n 2 --dist loadfile \
+	COURSE_NOTEBOOKS='0[0-9]_*.ipynb' OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks/0[0-9]_*.ipynb \
+		-n 2 --dist loadfile --no-loadscope-reorder $(NBVAL) --durations=10 $(PYTEST_ARGS)
+	COURSE_NOTEBOOKS='1[0-9]_*.ipynb' $(PY) -m pytest notebooks/1[0-9]_*.ipynb tests/browser/test_notebooks_in_browser.py \
 		$(NBVAL) --durations=10 $(PYTEST_ARGS)
-	$(PY) -m pytest notebooks/1[0-9]_*.ipynb tests/browser $(NBVAL) --durations=10 $(PYTEST_ARGS)
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check helpers scripts tests conftest.py

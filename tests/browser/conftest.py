@@ -5,12 +5,18 @@ failing test, Ctrl-C or SIGTERM; the server also gets SIGTERM if the pytest proc
 (even by SIGKILL). Each test
 shuts its kernel down when it ends, so only one kernel runs at a time on the 2 cores.
 
-The suite runs last in ``make test`` (after the unit tests and nbval): the hook below moves its
-tests to the end of the session, whatever order they were collected in.
+In one process the suite runs last (after the unit tests and nbval): the hook below moves its
+tests to the end of the session, whatever order they were collected in. Under pytest-xdist it moves
+them to the front instead: the suite is one file, so one worker takes all of it, and it is the
+longest, so it goes first while the other worker takes the rest (most of the suite's time is
+waiting on the page and the kernel, so it overlaps well with the unit tests).
 
 Environment knobs (all optional):
 - ``COURSE_NOTEBOOK_DIR``: the folder whose ``*.ipynb`` the suite slices (default ``notebooks/``);
   the server serves a temporary folder holding the slices.
+- ``COURSE_NOTEBOOKS``: which of them, as a glob (default ``*.ipynb``); ``make test`` checks the
+  light notebooks ``0[0-9]_*`` in its first session and the training notebooks ``1[0-9]_*`` in the
+  second, after nbval has run them (their slices read the checkpoints notebook 10 leaves in the cache).
 - ``COURSE_BROWSER_TIMEOUT``: seconds one widget slice's Run All may take (default 600).
 - ``COURSE_SCREENSHOTS``: where screenshots go (default ``screenshots/``, ignored by git).
 """
@@ -30,11 +36,12 @@ BROWSER_DIR = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Run the browser tests after everything else (unit tests, then nbval, then the browser)."""
+    """Run the browser tests after everything else (unit tests, then nbval, then the browser); under
+    pytest-xdist, first (see the module docstring)."""
     browser = [item for item in items if BROWSER_DIR in Path(str(item.path)).resolve().parents]
     if browser:
         others = [item for item in items if item not in browser]
-        items[:] = others + browser
+        items[:] = browser + others if hasattr(config, "workerinput") else others + browser
 
 
 def _interrupt(signum, frame):
