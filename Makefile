@@ -41,16 +41,19 @@ lab: setup
 #    chromium comes from apt, never `playwright install`) goes first, on one worker: it mostly waits on
 #    the page and the kernel, so the other worker's tests fill the time;
 # 2. one at a time, with every core: the training notebooks 10-13 (11 starts from the checkpoint 10
-#    saved in the session's cache), then their widgets in the browser suite.
-# Every notebook is executed once, by nbval. The cell timeout is an hour, not nbval's 2,000 s: on a machine
-# shared with other CPU-bound work, torch's two threads can wait on each other for a scheduler slice at every
-# parallel region, and the longest training cell (93 s quiet) has been seen to slow 20x there.
+#    saved in the session's cache), then their widgets in the browser suite. OMP_WAIT_POLICY=PASSIVE:
+#    torch's OpenMP threads sleep at a barrier instead of spinning. On a machine shared with other
+#    CPU-bound work, a spinning thread can hold the core its peer needs, and every parallel region then
+#    waits a scheduler slice: notebook 10's training cell took over 15 minutes (74 s alone) that way.
+#    Passive waiting costs about 3 % when the machine is quiet.
+# Every notebook is executed once, by nbval. The cell timeout is an hour, not nbval's 2,000 s: a busy
+# machine may slow a training cell many times over (see 2.), and slow is not wrong.
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=3600
 test: $(DEV_STAMP) lint
 	@test -x /usr/bin/chromium || { apt-get update && apt-get install -y chromium; }
 	COURSE_NOTEBOOKS='0[0-9]_*.ipynb' OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks/0[0-9]_*.ipynb \
 		-n 2 --dist loadfile --no-loadscope-reorder $(NBVAL) --durations=10 $(PYTEST_ARGS)
-	COURSE_NOTEBOOKS='1[0-9]_*.ipynb' $(PY) -m pytest notebooks/1[0-9]_*.ipynb tests/browser/test_notebooks_in_browser.py \
+	COURSE_NOTEBOOKS='1[0-9]_*.ipynb' OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest notebooks/1[0-9]_*.ipynb tests/browser/test_notebooks_in_browser.py \
 		$(NBVAL) --durations=10 $(PYTEST_ARGS)
 
 lint: $(DEV_STAMP)
