@@ -53,8 +53,8 @@ test: $(DEV_STAMP) lint
 	@test -x /usr/bin/chromium || { apt-get update && apt-get install -y chromium; }
 	COURSE_NOTEBOOKS='0[0-9]_*.ipynb' OMP_NUM_THREADS=1 $(PY) -m pytest tests notebooks/0[0-9]_*.ipynb \
 		-n 2 --dist loadfile --no-loadscope-reorder $(NBVAL) --durations=10 $(PYTEST_ARGS)
-	COURSE_NOTEBOOKS='1[0-9]_*.ipynb' OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest notebooks/1[0-9]_*.ipynb tests/browser/test_notebooks_in_browser.py \
-		$(NBVAL) --durations=10 $(PYTEST_ARGS)
+	COURSE_NOTEBOOKS='1[0-9]_*.ipynb' OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest notebooks/1[0-9]_*.ipynb \
+		tests/browser/test_notebooks_in_browser.py $(NBVAL) --durations=10 $(PYTEST_ARGS)
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check helpers scripts tests conftest.py

@@ -79,19 +79,16 @@ def encode_samples(
     for row, (ids, keep) in enumerate(zip(enc["input_ids"], enc["attention_mask"])):
         types = enc["mm_token_type_ids"][row][keep.bool()]  # 1 on image tokens: M-RoPE needs it
         ids = ids[keep.bool()]  # drop the processor's padding: we pad later, our way
-        if max_length is not None:
-            ids, types = ids[:max_length], types[:max_length]
         mask = assistant_loss_mask(ids) if with_answer else torch.zeros_like(ids)
-        items.append(
-            {
-                "input_ids": ids,
-                "labels": labels_from_mask(ids, mask),
-                "mm_token_type_ids": types,
-                "pixel_values": pixel_rows[row],
-                "image_grid_thw": enc["image_grid_thw"][row : row + 1],
-                "merge": merge,
-            }
-        )
+        item = {
+            "input_ids": ids,
+            "labels": labels_from_mask(ids, mask),
+            "mm_token_type_ids": types,
+            "pixel_values": pixel_rows[row],
+            "image_grid_thw": enc["image_grid_thw"][row : row + 1],
+            "merge": merge,
+        }
+        items.append(item if max_length is None else truncate_item(item, max_length))
     return items
 
 

@@ -13,9 +13,12 @@ and show it in the notebook with ``show(resize_view, height=IntSlider(...), ...)
 from __future__ import annotations
 
 import gc
+import importlib
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import helpers
 from helpers.plots import figure_to_png
 
 
@@ -55,11 +58,6 @@ def register_widget(notebook: str, defaults: dict, variations: list[dict]):
 
 def load_registry() -> dict[str, RegisteredWidget]:
     """Import every ``helpers`` module, so that each registers its widgets; return the registry."""
-    import importlib
-    import pkgutil
-
-    import helpers
-
     for module in pkgutil.walk_packages(helpers.__path__, "helpers."):
         importlib.import_module(module.name)
     return REGISTRY

@@ -15,7 +15,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
 from helpers import checkpoints, lora, optim, profiles, recipes, sft
-from helpers.chat import IGNORE_INDEX
+from helpers.chat import IGNORE_INDEX, assistant_loss_mask, labels_from_mask
 from helpers.data import make_split
 from helpers.qwen import SPECIAL_TOKENS, course_config, parameter_count, qwen25vl_3b_config
 
@@ -307,15 +307,17 @@ def test_truncated_answer_raises(processor, samples):
         sft.SFTCollator(processor, max_length=first_answer_token)(samples[:3])
 
 
-def test_truncate_item_cuts_every_per_token_field_as_the_processor_does(processor, samples):
+def test_truncate_item_cuts_every_per_token_field_as_a_trainer_does(processor, samples):
     (item,) = sft.encode_samples(processor, samples[:1])
-    cut = sft.truncate_item(item, 12)
-    (theirs,) = sft.encode_samples(processor, samples[:1], max_length=12)  # the processor's ids and types, cut
-    assert all(len(cut[key]) == 12 for key in sft.PER_TOKEN_KEYS)
-    assert torch.equal(cut["input_ids"], theirs["input_ids"]) and torch.equal(
-        cut["mm_token_type_ids"], theirs["mm_token_type_ids"]
-    )
-    assert cut["pixel_values"] is item["pixel_values"] and len(item["input_ids"]) > 12  # the original is untouched
+    k = int((item["labels"] != IGNORE_INDEX).nonzero()[0]) + 2  # inside the answer: labels are cut too
+    cut = sft.truncate_item(item, k)
+    for key in sft.PER_TOKEN_KEYS:
+        assert torch.equal(cut[key], item[key][:k]), key
+    # the labels of the cut row are the ones the loss mask gives the cut ids (the mask is a prefix rule)
+    assert torch.equal(cut["labels"], labels_from_mask(cut["input_ids"], assistant_loss_mask(cut["input_ids"])))
+    (encoded,) = sft.encode_samples(processor, samples[:1], max_length=k)
+    assert all(torch.equal(encoded[key], cut[key]) for key in sft.PER_TOKEN_KEYS)
+    assert cut["pixel_values"] is item["pixel_values"] and len(item["input_ids"]) > k  # the original is untouched
     sft.pad_batch([cut])  # the field it used to miss (mm_token_type_ids) no longer breaks the batch
     with pytest.raises(ValueError, match=r"max_length=0: expected an integer ≥ 1"):
         sft.truncate_item(item, 0)
