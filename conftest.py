@@ -6,6 +6,11 @@
   from) is a fresh temporary folder for the session, never the reader's ``~/.cache/qwenvl-course``:
   ``QWENVL_CACHE`` is set before anything is imported, and the kernels inherit it, so notebook 11
   finds the checkpoint notebook 10 saved earlier in the same session. It is removed at the end.
+- The processes the tests start (nbval's kernels, JupyterLab and its kernels, scripts) get a fresh
+  ``TMPDIR`` beside that cache, removed with it: nbval kills its kernels, so a notebook's
+  ``scratch_dir()`` cannot clean up after itself there, and each run would leave checkpoints behind.
+  Pytest itself keeps the system's temporary folder, where ``tmp_path`` keeps only the folders of
+  failed tests (``tmp_path_retention_policy`` in pyproject.toml).
 """
 
 import os
@@ -15,8 +20,11 @@ import tempfile
 os.environ["QWENVL_BLOCK_NETWORK"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-SESSION_CACHE = tempfile.mkdtemp(prefix="qwenvl-test-cache-")
-os.environ["QWENVL_CACHE"] = SESSION_CACHE
+tempfile.tempdir = tempfile.gettempdir()  # this process keeps the system's folder, whatever TMPDIR says next
+SESSION_FOLDER = tempfile.mkdtemp(prefix="qwenvl-test-")
+os.environ["QWENVL_CACHE"] = os.path.join(SESSION_FOLDER, "cache")
+os.environ["TMPDIR"] = os.path.join(SESSION_FOLDER, "tmp")
+os.mkdir(os.environ["TMPDIR"])
 
 from helpers.netguard import block_network  # noqa: E402
 
@@ -24,4 +32,4 @@ block_network()
 
 
 def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
+    shutil.rmtree(SESSION_FOLDER, ignore_errors=True)

@@ -12,6 +12,8 @@ The converted tokenizer (``helpers.tokenizer.build_tokenizer``), the generated c
   holding an exclusive lock (``fcntl.flock`` on ``.<name>.lock``), so two kernels starting together
   neither corrupt the folder nor build it twice.
 
+Files needed only while a kernel runs go to ``scratch_dir()``, removed when the kernel exits.
+
 Mirrors the idea of ``huggingface_hub``'s cache (files checked by hash, written to a temporary name
 then moved, a ``filelock`` per entry), without its download machinery.
 """
@@ -48,6 +50,19 @@ def cache_dir() -> Path:
         return Path.home() / ".cache" / "qwenvl-course"
     path = Path(value).expanduser()
     return path if path.is_absolute() else ROOT / path
+
+
+def scratch_dir(prefix: str = "course-") -> Path:
+    """A new empty folder for files a notebook needs only while its kernel runs (a checkpoint saved to
+    show the save-and-reload round trip, a trainer's ``output_dir``). ``tempfile.mkdtemp`` leaves such a
+    folder behind; this keeps a ``tempfile.TemporaryDirectory`` alive until the interpreter exits, whose
+    finalizer removes the folder then, so running the course again does not fill the disk."""
+    held = tempfile.TemporaryDirectory(prefix=prefix)
+    _SCRATCH.append(held)
+    return Path(held.name)
+
+
+_SCRATCH: list[tempfile.TemporaryDirectory] = []  # kept alive until exit, when each removes its folder
 
 
 def writable_cache_dir() -> Path:

@@ -2,11 +2,16 @@
 
 import json
 import multiprocessing
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from helpers import cache
+from helpers.cache import ROOT
 
 
 def fill(folder):
@@ -90,3 +95,31 @@ def test_the_cache_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("QWENVL_CACHE", str(tmp_path / "file"))
     with pytest.raises(NotADirectoryError, match=r"QWENVL_CACHE='.*file'\) is a file"):
         cache.writable_cache_dir()
+
+
+def test_a_scratch_folder_is_empty_and_gone_when_the_interpreter_exits(tmp_path):
+    code = (
+        "from helpers.cache import scratch_dir\n"
+        "folder = scratch_dir('sft_')\n"
+        "assert folder.is_dir() and not any(folder.iterdir()) and folder.name.startswith('sft_')\n"
+        "(folder / 'model.safetensors').write_bytes(bytes(1000))\n"
+        "print(folder)\n"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    folder = Path(done.stdout.strip())
+    assert folder.parent == tmp_path and not folder.exists()
+
+
+def test_a_scratch_folder_is_gone_when_jupyter_shuts_the_kernel_down(tmp_path):
+    from jupyter_client.manager import start_new_kernel
+
+    manager, client = start_new_kernel(env={**os.environ, "TMPDIR": str(tmp_path)}, cwd=str(ROOT))
+    try:
+        reply = client.execute_interactive("from helpers.cache import scratch_dir\nprint(scratch_dir())", timeout=60)
+        assert reply["content"]["status"] == "ok"
+        (folder,) = tmp_path.iterdir()
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel()  # what JupyterLab does when the reader shuts a kernel down
+    assert not folder.exists()

@@ -1,4 +1,5 @@
-"""Committed notebooks are executed top to bottom, clean, small and free of machine paths."""
+"""Committed notebooks are executed top to bottom, clean, small, free of machine paths, and leave no
+folder behind."""
 
 import json
 import re
@@ -38,3 +39,11 @@ def test_notebook_hygiene(path):
             assert not found, (
                 f"cell {number} shows a machine path: …{text[max(0, found.start() - 60) : found.end() + 60]}…"
             )
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_leaves_no_temporary_folder_behind(path):
+    """A folder from ``tempfile.mkdtemp`` outlives the kernel; ``helpers.cache.scratch_dir`` does not."""
+    sources = [c.source for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"]
+    found = [number for number, source in enumerate(sources, 1) if "mkdtemp(" in source]
+    assert not found, f"code cells {found} call mkdtemp: use helpers.cache.scratch_dir(), removed when the kernel exits"
