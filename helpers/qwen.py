@@ -179,7 +179,7 @@ def load_processor(
         raise TypeError(
             f"unknown arguments {sorted(unknown)}; accepted: min_pixels, max_pixels, video_min_pixels, video_max_pixels"
         )
-    image_limits = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+    image_size = {k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v is not None}
     video_size = {
         key: video_limits[arg]
         for key, arg in (("shortest_edge", "video_min_pixels"), ("longest_edge", "video_max_pixels"))
@@ -190,35 +190,34 @@ def load_processor(
     if checkpoint is not None:
         _require_files(checkpoint, "processor", _PROCESSOR_FILES)
         _check_image_processor_type(checkpoint)
-        processor = AutoProcessor.from_pretrained(checkpoint, local_files_only=True, **image_limits)
-        _set_video_limits(processor.video_processor, video_size)
-        return processor
-
-    image_processor = Qwen2VLImageProcessor.from_dict(CHECKPOINT_PREPROCESSOR_CONFIG, **image_limits)
-    video_processor = Qwen2VLVideoProcessor.from_dict(CHECKPOINT_PREPROCESSOR_CONFIG, **image_limits)
-    _set_video_limits(video_processor, video_size)
-    return Qwen2_5_VLProcessor(
-        image_processor=image_processor,
-        tokenizer=build_tokenizer(),
-        video_processor=video_processor,
-        chat_template=CHAT_TEMPLATE,
-    )
+        processor = AutoProcessor.from_pretrained(checkpoint, local_files_only=True)
+    else:
+        processor = Qwen2_5_VLProcessor(
+            image_processor=Qwen2VLImageProcessor.from_dict(CHECKPOINT_PREPROCESSOR_CONFIG),
+            tokenizer=build_tokenizer(),
+            video_processor=Qwen2VLVideoProcessor.from_dict(CHECKPOINT_PREPROCESSOR_CONFIG),
+            chat_template=CHAT_TEMPLATE,
+        )
+    _set_pixel_limits(processor.image_processor, image_size, "")
+    _set_pixel_limits(processor.video_processor, {**image_size, **video_size}, "video_")
+    return processor
 
 
-def _set_video_limits(video_processor, limits: dict) -> None:
-    """Override the video processor's pixel bounds (its ``size`` is a ``SizeDict`` in 5.x)."""
-    if limits:
-        current = {
-            "shortest_edge": video_processor.size.shortest_edge,
-            "longest_edge": video_processor.size.longest_edge,
-        }
-        merged = {**current, **limits}
-        if merged["shortest_edge"] > merged["longest_edge"]:
-            raise ValueError(
-                f"video limits {merged['shortest_edge']} … {merged['longest_edge']} pixels: the minimum "
-                "is larger than the maximum; give video_min_pixels ≤ video_max_pixels"
-            )
-        video_processor.size = SizeDict(**merged)
+def _set_pixel_limits(part, limits: dict, prefix: str) -> None:
+    """Set the pixel bounds of an image or video processor: its ``size`` (a ``SizeDict`` of
+    ``shortest_edge`` / ``longest_edge`` pixels in transformers 5.x), what ``from_pretrained(folder,
+    min_pixels=…, max_pixels=…)`` sets. Passed to ``from_pretrained``, the bounds would also be kept as
+    arguments of every processor call, which transformers deprecates (a FutureWarning on each call; the
+    argument goes in 5.23)."""
+    if not limits:
+        return
+    merged = {"shortest_edge": part.size.shortest_edge, "longest_edge": part.size.longest_edge, **limits}
+    if merged["shortest_edge"] > merged["longest_edge"]:
+        raise ValueError(
+            f"{prefix or 'image '}limits {merged['shortest_edge']} … {merged['longest_edge']} pixels: the minimum "
+            f"is larger than the maximum; give {prefix}min_pixels ≤ {prefix}max_pixels"
+        )
+    part.size = SizeDict(**merged)
 
 
 def _check_pixel_limits(low: int | None, high: int | None, prefix: str) -> None:

@@ -219,8 +219,8 @@ def run_mode(config, mode: str, rows: list[dict], device: torch.device, amp: boo
     for checkpointing in (False, True):
         model, optimizer = build(config, mode, device)
         if checkpointing:
-            (model.get_base_model() if mode != "full" else model).gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
+            (model.get_base_model() if mode != "full" else model).activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
             )
         _free(device)
         try:

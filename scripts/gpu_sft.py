@@ -107,7 +107,7 @@ def benchmark_3b(mode: str, batch: dict, steps: int = 3, warmup: int = 2, lr: fl
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if mode == "lora":
         model.enable_input_require_grads()
         model = apply_lora(model, r=16)

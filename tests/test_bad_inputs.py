@@ -162,6 +162,12 @@ CASES = [
     ),
     ("processor kwarg", lambda c: qwen.load_processor(max_frames=4), TypeError, r"max_frames"),
     (
+        "image limits past the checkpoint's maximum",
+        lambda c: qwen.load_processor(min_pixels=13 * 10**6),
+        ValueError,
+        r"image limits 13000000 … 12845056 pixels",
+    ),
+    (
         "video limits",
         lambda c: qwen.load_processor(video_min_pixels=10**6, video_max_pixels=10**5),
         ValueError,

@@ -48,7 +48,7 @@ def test_recompute_is_the_checkpointed_forward(rows):
     grow by ``recompute`` (less its attention share, which FlopCounterMode does not see here)."""
     device = torch.device("cpu")
     model, optimizer = bench_3b.build(CONFIG, "full", device)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     with FlopCounterMode(display=False) as counter:
         bench_3b.step(model, optimizer, rows[0], "full", device, amp=False)
     flops = bench_3b.step_flops(CONFIG, rows[0], "full", checkpointing=True)

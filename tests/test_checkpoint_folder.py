@@ -179,6 +179,7 @@ def _image_and_video_inputs(processor, frames, size):
     ],
     ids=str,
 )
+@pytest.mark.filterwarnings("error::FutureWarning")  # no deprecated path (min_pixels as a call argument)
 def test_same_outputs_on_an_image_and_a_video(folder, limits):
     real, course = qwen.load_processor(folder, **limits), qwen.load_processor(**limits)
     outputs = [_image_and_video_inputs(processor, 8, (224, 224)) for processor in (real, course)]
