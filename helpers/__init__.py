@@ -32,7 +32,9 @@ Each module names the notebook that teaches it:
 - ``helpers.plots``, ``helpers.widgets``   figure style; widget plumbing and registry.
 - ``helpers.profiles``      the cpu / gpu profiles (``QWENVL_PROFILE``) as frozen typed settings.
 - ``helpers.netguard``      the offline guard the tests switch on.
-- ``helpers.cache``         00: the cache folder, hashed manifests, atomic locked writes.
+- ``helpers.cache``         00: the cache folder, hashed manifests, atomic locked writes; the scratch
+  folders removed when the kernel exits.
+- ``helpers.known_warnings``  10–13: the libraries' own deprecation warnings, silenced by message.
 """
 
 import os as _os
