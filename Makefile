@@ -3,6 +3,9 @@
 #   make test   set everything up (if needed), lint, and run every test: unit tests, every notebook once
 #               (nbval), every widget in JupyterLab in Chromium (the browser suite); see the target below
 # Set-up is redone only when requirements.txt, requirements-dev.txt or pyproject.toml change.
+# pip byte-compiles what it installs on one core; compileall does it on all of them, which makes the
+# set-up about 10 % faster (farm-bench, 3 pairs). Like pip, it skips files it cannot compile (torch ships
+# a few for newer Pythons), hence `|| true`: the .pyc files are only a cache.
 
 PYTHON ?= python3.11
 VENV := .venv
@@ -21,7 +24,8 @@ $(STAMP): requirements.txt pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH, or: make PYTHON=/path/to/python3.11 ..."; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-compile -r requirements.txt
+	$(PY) -m compileall -qq -j 0 $(VENV)/lib || true
 	$(PY) -m pip install --quiet --no-deps -e .
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python 3 (Qwen2.5-VL course)"
 	touch $(STAMP)
