@@ -3,22 +3,19 @@
 import re
 import tomllib
 import warnings
-from pathlib import Path
 
 import nbformat
 from peft import LoraConfig, get_peft_model
+from support import ROOT, tiny_model
 from transformers import TrainingArguments
 
 from helpers.known_warnings import KNOWN_LIBRARY_WARNINGS, ignore_known_library_warnings
-from helpers.qwen import load_model
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def raise_each_known_warning(folder):
     """What TRL and PEFT do with the pinned transformers: each old checkpointing name once."""
     TrainingArguments(output_dir=str(folder), gradient_checkpointing=True, report_to="none", use_cpu=True)
-    model = load_model()
+    model = tiny_model()
     model.gradient_checkpointing_enable()
     model.gradient_checkpointing_disable()
     get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))  # reads is_gradient_checkpointing
